@@ -1,0 +1,3 @@
+"""smolforge: train small language models end to end."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,223 @@
+"""Typed configs (one per concern), YAML recipes and dotted command-line overrides.
+
+A recipe is a YAML mapping of sections (`run`, `model`, `data`, `train`). Every field has a
+type, a default and a one-line description that becomes its `--section.field` CLI help (the
+litgpt `args.py` idea). Unknown keys, wrong types and impossible values fail before any work
+starts with a message naming the key, e.g. `train.lrr: unknown key (did you mean 'lr'?)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from smolforge.errors import SmolforgeError
+from smolforge.model import PRESETS, ModelConfig
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    """Where the run lives and what it starts from."""
+
+    name: str = Field("run", min_length=1, description="Run name: outputs go to <dir>/<name>/.")
+    dir: str = Field("runs", description="Parent directory of run directories.")
+    init_from: str = Field("", description="Checkpoint directory (smolforge or HF) to start from; empty = random init.")
+    seed: int = Field(0, description="Seed for initialisation, data order and sampling.")
+
+
+class SourceConfig(Section):
+    path: str = Field(description="Directory written by `smolforge data tokenize`.")
+    weight: float = Field(1.0, gt=0, description="Share of training tokens drawn from this source.")
+    name: str = Field("", description="Label used in logs; default = the directory name.")
+
+
+class DataConfig(Section):
+    """Tokenized pretraining data and how it is packed."""
+
+    tokenizer: str = Field("", description="Tokenizer directory; empty = the one of run.init_from.")
+    train: list[SourceConfig] = Field(default_factory=list, description="Training sources mixed by token weight.")
+    val: list[SourceConfig] = Field(default_factory=list, description="Validation sources (loss and bits per byte).")
+    seq_len: int = Field(256, gt=1, description="Tokens per training sequence.")
+    document_masking: bool = Field(True, description="Attend only within each packed document (playbook ch. 04).")
+
+
+class TrainConfig(Section):
+    """Optimisation, schedule, logging and checkpointing."""
+
+    objective: str = Field("lm", description="Loss function from the objective registry.")
+    max_steps: int = Field(1000, gt=0, description="Optimizer steps to run.")
+    batch_size: int = Field(16, gt=0, description="Sequences per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(5e-4, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
+    schedule: Literal["wsd", "cosine", "linear", "constant"] = Field(
+        "wsd", description="LR shape after warmup: warmup-stable-decay, cosine, linear or constant.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: share of steps spent decaying linearly (playbook: 10-20%).")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not applied to embeddings, norms, biases).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 = off.")
+    z_loss: float = Field(0.0, ge=0, description="Weight of the z-loss log^2 Z (PaLM); 0 = off (playbook default).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast with fp32 master weights on CUDA, fp32 elsewhere.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    compile: bool = Field(False, description="Wrap the model in torch.compile.")
+    threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = all cores.")
+    log_every: int = Field(10, gt=0, description="Steps between log lines and metrics.jsonl records.")
+    eval_every: int = Field(200, ge=0, description="Steps between validation passes; 0 = only at the end.")
+    eval_batches: int = Field(20, ge=0, description="Validation batches per pass; 0 = the whole validation set.")
+    save_every: int = Field(500, ge=0, description="Steps between checkpoints; 0 = only the final one.")
+    keep_last: int = Field(3, gt=0, description="Periodic checkpoints kept on disk.")
+    time_limit_minutes: float = Field(0.0, ge=0, description="Stop cleanly (eval + save) after this wall time; 0 = none.")
+
+    @model_validator(mode="after")
+    def _check_warmup(self) -> TrainConfig:
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) exceeds train.max_steps ({self.max_steps})")
+        return self
+
+
+class PretrainRecipe(Section):
+    """A full recipe for `smolforge pretrain` (and the other stages built on the same loop)."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, values: Any) -> Any:
+        """`model: {preset: smol-10m, n_layers: 4}` = the preset with fields overridden."""
+        if isinstance(values, dict) and isinstance(values.get("model"), dict) and "preset" in values["model"]:
+            fields = dict(values["model"])
+            name = fields.pop("preset")
+            if name not in PRESETS:
+                raise ValueError(f"model.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+            values = {**values, "model": {**PRESETS[name]().model_dump(), **fields}}
+        return values
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> PretrainRecipe:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
+                f"({self.model.max_seq_len}): shorten the sequences or raise the context length")
+        return self
+
+    def fingerprint(self) -> str:
+        """sha256 of the resolved recipe, recorded in every checkpoint's smolforge.json."""
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
+
+
+# --- loading, overriding, saving ----------------------------------------------------------------
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise SmolforgeError(f"--{dotted}: '{key}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _known_keys(schema: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the section that holds `loc[-1]` (list indices are stepped over)."""
+    model: Any = schema
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if get_origin(annotation) is list:
+            annotation = get_args(annotation)[0]
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(error: ValidationError, schema: type[BaseModel], origin: str) -> str:
+    lines = []
+    for item in error.errors():
+        loc = tuple(p for p in item["loc"] if p != "__root__")
+        key = ".".join(str(p) for p in loc) or "(recipe)"
+        if item["type"] == "extra_forbidden":
+            known = _known_keys(schema, loc)
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
+            lines.append(f"  {key}: unknown key{hint}")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            got = item.get("input")
+            shown = "" if isinstance(got, dict) or item["type"].startswith("value_error") else f" (got {got!r})"
+            lines.append(f"  {key}: {message}{shown}")
+    return f"invalid recipe {origin}:\n" + "\n".join(lines)
+
+
+def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None,
+                schema: type[BaseModel] = PretrainRecipe) -> Any:
+    """Read a YAML recipe, apply dotted overrides, and validate it against `schema`."""
+    tree: dict = {}
+    origin = "(command line)"
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        if not path.is_file():
+            raise SmolforgeError(f"recipe {path} not found: pass the path of a YAML recipe (see recipes/)")
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise SmolforgeError(f"recipe {path} is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise SmolforgeError(f"recipe {path} must be a mapping of sections, got {type(tree).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(tree, dotted, value)
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as exc:
+        raise SmolforgeError(_describe(exc, schema, origin)) from None
+
+
+def save_recipe(recipe: BaseModel, path: str | Path) -> None:
+    """Write the fully resolved recipe (defaults + recipe + overrides) as YAML."""
+    Path(path).write_text(yaml.safe_dump(recipe.model_dump(), sort_keys=False), encoding="utf-8")
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser, schema: type[BaseModel] = PretrainRecipe) -> None:
+    """Add one `--section.field VALUE` option per recipe field, with the field's doc as help."""
+    for section_name, section in schema.model_fields.items():
+        section_type = section.annotation
+        group = parser.add_argument_group(f"{section_name} (recipe section)", section_type.__doc__)
+        if section_name == "model":
+            group.add_argument("--model.preset", dest="override:model.preset", default=argparse.SUPPRESS,
+                               metavar="NAME", help=f"Start from a preset: {', '.join(PRESETS)}.")
+        for name, field in section_type.model_fields.items():
+            default = "" if field.is_required() else f" [default: {field.get_default(call_default_factory=True)}]"
+            group.add_argument(f"--{section_name}.{name}", dest=f"override:{section_name}.{name}",
+                               default=argparse.SUPPRESS, metavar="VALUE",
+                               help=f"{field.description or ''}{default}".replace("%", "%%"))
+
+
+def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Dotted overrides from parsed args; values are parsed as YAML (`3e-4`, `true`, `[a, b]`)."""
+    overrides = {}
+    for dest, raw in vars(args).items():
+        if dest.startswith("override:"):
+            overrides[dest.removeprefix("override:")] = yaml.safe_load(raw) if isinstance(raw, str) else raw
+    return overrides

@@ -1,0 +1,298 @@
+"""The training loop: one plain `while` loop for every stage.
+
+Stages differ only in their data and their objective (looked up by name in
+`smolforge.train.objectives`). The loop handles the rest the same way for all of them:
+AdamW with warmup + WSD/cosine/linear/constant, gradient accumulation in fp32, clipping, bf16
+autocast with fp32 master weights on CUDA (playbook ch. 04/07: bf16-only accumulation drifts),
+periodic evaluation, atomic checkpoints with exact resume (model, optimizer, data position, RNG
+states), `metrics.jsonl`, and a progress bar with loss, lr, tokens/s and ETA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from smolforge import __version__
+from smolforge.config import PretrainRecipe, save_recipe
+from smolforge.errors import SmolforgeError
+from smolforge.eval.bpb import evaluate_loss_and_bpb, token_byte_lengths
+from smolforge.model import (
+    ModelConfig,
+    Transformer,
+    count_parameters,
+    format_count,
+    training_flops_per_token,
+)
+from smolforge.train import checkpoint as ckpt
+from smolforge.train.objectives import get_objective
+from smolforge.train.optim import build_optimizer
+from smolforge.train.progress import TrainProgress
+from smolforge.train.schedule import lr_multiplier
+
+# Dense bf16 peak FLOP/s per GPU for MFU (vendor datasheets, without sparsity).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12, "L4": 121e12,
+                   "4090": 165e12, "3090": 71e12}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_checkpoint: Path
+    steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+
+
+class MetricsLog:
+    """Append-only `metrics.jsonl`, flushed per record so a crash loses nothing logged."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        if resume_step is not None and path.exists():
+            # Records after the checkpoint we resume from will be produced again: drop them.
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self.file = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SmolforgeError(f"train.device: {name!r} asked for, but CUDA is not available here; use 'cpu' or 'auto'")
+    return device
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_data(recipe: PretrainRecipe):
+    """Training loader and (optional) validation loader from the recipe's sources."""
+    from smolforge.data.loader import PretrainLoader, SourceSpec
+
+    if not recipe.data.train:
+        raise SmolforgeError("data.train is empty: list at least one directory written by `smolforge data tokenize`")
+
+    def specs(sources):
+        return [SourceSpec(shards=s.path, weight=s.weight, name=s.name or Path(s.path).name) for s in sources]
+
+    train = PretrainLoader(specs(recipe.data.train), recipe.data.seq_len, recipe.train.batch_size,
+                           seed=recipe.run.seed)
+    val = (PretrainLoader(specs(recipe.data.val), recipe.data.seq_len, recipe.train.batch_size,
+                          seed=recipe.run.seed) if recipe.data.val else None)
+    return train, val
+
+
+def load_tokenizer(recipe: PretrainRecipe):
+    from smolforge.tokenizer import Tokenizer
+
+    path = recipe.data.tokenizer or recipe.run.init_from
+    if not path:
+        raise SmolforgeError("data.tokenizer is empty and there is no run.init_from to take one from: "
+                             "train one with `smolforge tokenizer train` and set data.tokenizer")
+    return Tokenizer.load(path)
+
+
+def build_model(recipe: PretrainRecipe, tokenizer, device: torch.device) -> tuple[Transformer, ModelConfig]:
+    if recipe.run.init_from:
+        model, _ = ckpt.load_model(recipe.run.init_from, device=device, dtype=torch.float32)
+        return model, model.config
+    cfg = recipe.model
+    if cfg.vocab_size == 0:
+        cfg = cfg.model_copy(update={"vocab_size": 128 * math.ceil(tokenizer.vocab_size / 128)})
+    elif cfg.vocab_size < tokenizer.vocab_size:
+        raise SmolforgeError(f"model.vocab_size ({cfg.vocab_size}) is smaller than the tokenizer's "
+                             f"vocabulary ({tokenizer.vocab_size}): set it to 0 to take the tokenizer's")
+    return Transformer(cfg).to(device), cfg
+
+
+def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain") -> RunResult:
+    """Run the training loop described by `recipe`; returns where the final model went."""
+    started = time.time()
+    tcfg = recipe.train
+    run_dir = Path(recipe.run.dir) / recipe.run.name
+    device = resolve_device(tcfg.device)
+    torch.set_num_threads(tcfg.threads or os.cpu_count() or 1)
+    if resume:
+        resume_from = ckpt.find_resume_checkpoint(run_dir)
+    else:
+        resume_from = None
+        if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").glob("step_*")):
+            raise SmolforgeError(f"run directory {run_dir} already holds checkpoints: pass --resume to "
+                                 f"continue that run, or choose another --run.name")
+    seed_everything(recipe.run.seed)
+    tokenizer = load_tokenizer(recipe)
+    train_data, val_data = build_data(recipe)
+    model, model_cfg = build_model(recipe, tokenizer, device)
+    if recipe.data.seq_len > model_cfg.max_seq_len:
+        raise SmolforgeError(f"data.seq_len ({recipe.data.seq_len}) exceeds the model's context length "
+                             f"({model_cfg.max_seq_len})")
+    recipe = recipe.model_copy(update={"model": model_cfg})
+    objective = get_objective(tcfg.objective)
+    optimizer = build_optimizer(model, tcfg, device)
+    use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    step = 0
+    if resume_from is not None:
+        state = ckpt.load_trainer_state(resume_from)
+        resumed_model, _ = ckpt.load_model(resume_from, device=device, dtype=torch.float32)
+        model.load_state_dict(resumed_model.state_dict())
+        del resumed_model
+        optimizer.load_state_dict(state["optimizer"])
+        train_data.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_recipe(recipe, run_dir / "recipe.yaml")
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from else None)
+    forward = torch.compile(model) if tcfg.compile else model
+    byte_lengths = token_byte_lengths(tokenizer)
+    flops_per_token = training_flops_per_token(model_cfg, recipe.data.seq_len)
+    peak = peak_flops(device)
+    tokens_per_step = train_data.tokens_per_batch * tcfg.grad_accum
+    counts = count_parameters(model_cfg)
+    meta = {"stage": stage, "parent": recipe.run.init_from or None, "recipe_hash": recipe.fingerprint(),
+            "smolforge_version": __version__}
+    print(f"{stage}: {format_count(counts['total'])} parameters, {tokens_per_step:,} tokens/step, "
+          f"{tcfg.max_steps} steps on {device}{' (bf16 autocast)' if use_bf16 else ''} -> {run_dir}"
+          + (f" (resuming from {resume_from.name})" if resume_from else ""))
+
+    def evaluate() -> dict[str, float]:
+        if val_data is None:
+            return {}
+        return evaluate_loss_and_bpb(model, val_data.iter_eval(tcfg.eval_batches or None), byte_lengths,
+                                     device, autocast, recipe.data.document_masking)
+
+    def save(final: bool, metrics: dict[str, float]) -> Path:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "loader": train_data.state_dict(),
+                 "rng": rng_state()}
+        info = {**meta, "step": step, "metrics": metrics}
+        path = ckpt.save_run_checkpoint(run_dir, step, model, tokenizer, meta=info, trainer_state=state,
+                                        keep_last=tcfg.keep_last)
+        if final:
+            # `final/` is the stage's output model: weights and metadata, no optimizer state.
+            ckpt.save_checkpoint(run_dir / "final", model, tokenizer, meta=info)
+        return path
+
+    model.train()
+    progress = TrainProgress(total=tcfg.max_steps, start=step)
+    window_loss = torch.zeros((), device=device)
+    window_steps, window_start, window_tokens = 0, time.time(), 0
+    last_metrics: dict[str, float] = {}
+    final_path: Path | None = None
+    with progress:
+        while step < tcfg.max_steps:
+            lr = tcfg.lr * lr_multiplier(step, tcfg.max_steps, tcfg.warmup_steps, tcfg.schedule,
+                                         tcfg.decay_fraction, tcfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for _ in range(tcfg.grad_accum):
+                batch = {k: v.to(device, non_blocking=True) for k, v in train_data.next_batch().items()}
+                kwargs = ({"position_ids": batch["position_ids"], "document_ids": batch["document_ids"]}
+                          if recipe.data.document_masking else {})
+                with autocast():
+                    output = forward(batch["input_ids"], **kwargs)
+                loss, parts = objective(output, batch, tcfg)
+                # Gradients accumulate in the fp32 .grad of the fp32 master weights.
+                (loss / tcfg.grad_accum).backward()
+                window_loss += loss.detach() / tcfg.grad_accum
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+                         if tcfg.grad_clip > 0 else None)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
+            window_tokens += tokens_per_step
+            last_step = step == tcfg.max_steps
+            out_of_time = tcfg.time_limit_minutes and time.time() - started > tcfg.time_limit_minutes * 60
+            if step % tcfg.log_every == 0 or last_step or out_of_time:
+                elapsed = time.time() - window_start
+                loss_value = (window_loss / window_steps).item()
+                if not math.isfinite(loss_value):
+                    raise SmolforgeError(
+                        f"the loss became {loss_value} around step {step}: lower train.lr or raise "
+                        f"train.warmup_steps, then resume from the last checkpoint with --resume")
+                tok_s = window_tokens / max(elapsed, 1e-9)
+                record = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tok_s,
+                          "tokens": step * tokens_per_step, "elapsed_s": time.time() - started}
+                record.update({k: v.item() for k, v in parts.items() if k != "ce"})
+                if grad_norm is not None:
+                    record["grad_norm"] = grad_norm.item()
+                if peak:
+                    record["mfu"] = flops_per_token * tok_s / peak
+                metrics_log.write(record)
+                progress.update(step, loss=loss_value, lr=lr, tokens_per_s=tok_s)
+                window_loss.zero_()
+                window_steps, window_start, window_tokens = 0, time.time(), 0
+            if (tcfg.eval_every and step % tcfg.eval_every == 0) or last_step or out_of_time:
+                last_metrics = evaluate()
+                if last_metrics:
+                    metrics_log.write({"step": step, **last_metrics})
+                    progress.note(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_metrics.items()))
+            if last_step or out_of_time:
+                final_path = save(final=True, metrics=last_metrics)
+                break
+            if tcfg.save_every and step % tcfg.save_every == 0:
+                save(final=False, metrics=last_metrics)
+    if final_path is None:  # resumed a run that had already finished
+        final_path = save(final=True, metrics=evaluate())
+    metrics_log.close()
+    return RunResult(run_dir=run_dir, final_checkpoint=run_dir / "final", steps=step,
+                     metrics=last_metrics, wall_seconds=time.time() - started)
+
+
+def remove_run(run_dir: Path) -> None:
+    """Delete a run directory (used by `quickstart --overwrite`)."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
