@@ -97,7 +97,7 @@ class ModelConfig(BaseModel):
 def debug() -> ModelConfig:
     """Tiny model for tests: 2 layers, width 64, GQA 4/2."""
     return ModelConfig(hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                       intermediate_size=128, max_seq_len=128)
+                       intermediate_size=128, max_seq_len=256)
 
 
 def smol_10m() -> ModelConfig:
