@@ -1,0 +1,128 @@
+"""Training-step throughput: smolforge vs Hugging Face `transformers` LlamaForCausalLM.
+
+Both models get the same shape, the same weights, the same batch and dtype, and the same
+optimizer (AdamW); each step is forward + cross-entropy + backward + optimizer step. The two
+are timed alternately in one process so that machine noise hits both alike.
+
+    python benchmarks/bench_train.py --preset smol-10m --vocab 8192 --batch 8 --seq 256
+    python benchmarks/bench_train.py --device cuda --dtype bf16 --preset smollm2-135m --batch 16 --seq 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from smolforge.model import PRESETS, Transformer, count_parameters, training_flops_per_token
+
+
+def hf_llama(model: Transformer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = model.config
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.resolved_head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa",
+    )
+    hf = LlamaForCausalLM(hf_cfg)
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    return hf
+
+
+def make_step(model, logits_of, dtype, device):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext)
+
+    def step(x):
+        with autocast():
+            logits = logits_of(x[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def timed(step, x, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    step(x).item()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="smol-10m", choices=sorted(PRESETS))
+    parser.add_argument("--vocab", type=int, default=8192, help="Vocabulary when the preset has none.")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10, help="Timed steps per model.")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models.")
+    parser.add_argument("--json", help="Append a JSON line of results to this file.")
+    args = parser.parse_args()
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    cfg = PRESETS[args.preset]()
+    cfg = cfg.model_copy(update={"vocab_size": cfg.vocab_size or args.vocab,
+                                 "max_seq_len": max(cfg.max_seq_len, args.seq)})
+    ours = Transformer(cfg)
+    theirs = hf_llama(ours)
+    ours, theirs = ours.to(device), theirs.to(device)
+    ours_fwd = torch.compile(ours) if args.compile else ours
+    theirs_fwd = torch.compile(theirs) if args.compile else theirs
+    steps = {
+        "smolforge": make_step(ours, lambda x: ours_fwd(x).logits, args.dtype, device),
+        "transformers": make_step(theirs, lambda x: theirs_fwd(input_ids=x).logits, args.dtype, device),
+    }
+    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step(x)
+    times = {name: [] for name in steps}
+    for _ in range(args.steps):  # alternate so drift in machine load affects both
+        for name, step in steps.items():
+            times[name].append(timed(step, x, device))
+    tokens = args.batch * args.seq
+    result = {"preset": args.preset, "params": count_parameters(cfg)["total"], "batch": args.batch,
+              "seq": args.seq, "device": args.device, "dtype": args.dtype, "compile": args.compile,
+              "machine": torch.cuda.get_device_name() if device.type == "cuda" else
+              f"{platform.processor() or platform.machine()} x{os.cpu_count()} threads"}
+    for name, ts in times.items():
+        result[f"{name}_tokens_per_s"] = tokens / statistics.median(ts)
+    result["ratio"] = result["smolforge_tokens_per_s"] / result["transformers_tokens_per_s"]
+    if device.type == "cuda":
+        result["smolforge_mfu"] = (training_flops_per_token(cfg, args.seq) * result["smolforge_tokens_per_s"]
+                                   / 989e12)
+    print(f"{args.preset} ({result['params'] / 1e6:.1f}M params) batch {args.batch} x seq {args.seq}, "
+          f"{args.dtype} on {result['machine']}")
+    for name in steps:
+        print(f"  {name:>12}: {result[f'{name}_tokens_per_s']:,.0f} tokens/s (median of {args.steps})")
+    print(f"  ratio smolforge / transformers: {result['ratio']:.2f}x")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Tier 3: the pretraining loop end to end on a tiny model, in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from smolforge.config import load_recipe
+from smolforge.data.shards import tokenize_corpus
+from smolforge.errors import SmolforgeError
+from smolforge.eval.bpb import token_byte_lengths
+from smolforge.quickstart import bundled_text
+from smolforge.tokenizer import Tokenizer, train_tokenizer
+from smolforge.train import checkpoint as ckpt
+from smolforge.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A tokenizer and train/val shards from 80 kB of the bundled text."""
+    root = tmp_path_factory.mktemp("prepared")
+    text = bundled_text()[:80_000]
+    (root / "train.txt").write_text(text[:72_000])
+    (root / "val.txt").write_text(text[72_000:])
+    train_tokenizer([root / "train.txt"], vocab_size=512).save(root / "tok")
+    tokenize_corpus([root / "train.txt"], root / "tok", root / "train", workers=1, progress=False)
+    tokenize_corpus([root / "val.txt"], root / "tok", root / "val", workers=1, progress=False)
+    return root
+
+
+def recipe_for(prepared: Path, run_dir: Path, **train_overrides):
+    overrides = {
+        "run.dir": str(run_dir), "run.name": "tiny",
+        "model.preset": "debug",
+        "data.tokenizer": str(prepared / "tok"),
+        "data.train": [{"path": str(prepared / "train")}],
+        "data.val": [{"path": str(prepared / "val")}],
+        "data.seq_len": 64,
+        "train.batch_size": 4, "train.max_steps": 30, "train.lr": 3e-3, "train.warmup_steps": 3,
+        "train.log_every": 1, "train.eval_every": 10, "train.eval_batches": 4,
+        "train.save_every": 10, "train.keep_last": 5, "train.threads": 1,
+    }
+    overrides.update({f"train.{k}": v for k, v in train_overrides.items()})
+    return load_recipe(None, overrides)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretraining_learns_and_checkpoint_reloads(prepared, tmp_path):
+    result = train(recipe_for(prepared, tmp_path))
+    records = read_metrics(result.run_dir)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+    evals = [r for r in records if "val_bpb" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert (result.run_dir / "recipe.yaml").exists()
+    assert (result.run_dir / "checkpoints" / "latest").read_text().strip() == "step_000030"
+    # The final checkpoint reloads and reproduces the logged validation loss.
+    model, tokenizer = ckpt.load_model(result.final_checkpoint)
+    from smolforge.eval.bpb import evaluate_loss_and_bpb
+    from smolforge.train.loop import build_data
+
+    _, val = build_data(recipe_for(prepared, tmp_path))
+    again = evaluate_loss_and_bpb(model, val.iter_eval(4), token_byte_lengths(tokenizer), torch.device("cpu"))
+    assert again["val_loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-5)
+    assert ckpt.read_meta(result.final_checkpoint)["stage"] == "pretrain"
+
+
+def test_resume_after_a_crash_equals_the_uninterrupted_run(prepared, tmp_path, monkeypatch):
+    reference = train(recipe_for(prepared, tmp_path / "a", max_steps=20, save_every=5))
+    want = [(r["step"], r["loss"]) for r in read_metrics(reference.run_dir) if "loss" in r]
+
+    real_save = ckpt.save_run_checkpoint
+
+    def save_then_crash(run_dir, step, *args, **kwargs):
+        path = real_save(run_dir, step, *args, **kwargs)
+        if step == 10:
+            raise KeyboardInterrupt("simulated crash after step 10")
+        return path
+
+    monkeypatch.setattr(ckpt, "save_run_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe_for(prepared, tmp_path / "b", max_steps=20, save_every=5))
+    monkeypatch.setattr(ckpt, "save_run_checkpoint", real_save)
+    resumed = train(recipe_for(prepared, tmp_path / "b", max_steps=20, save_every=5), resume=True)
+    got = [(r["step"], r["loss"]) for r in read_metrics(resumed.run_dir) if "loss" in r]
+    assert got == want  # bit-identical losses, and no duplicated records
+    a, _ = ckpt.load_model(reference.final_checkpoint)
+    b, _ = ckpt.load_model(resumed.final_checkpoint)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_checkpoint(prepared, tmp_path):
+    train(recipe_for(prepared, tmp_path, max_steps=10, save_every=10))
+    with pytest.raises(SmolforgeError, match="--resume"):
+        train(recipe_for(prepared, tmp_path, max_steps=10))
+    with pytest.raises(SmolforgeError, match="checkpoint"):
+        train(recipe_for(prepared, tmp_path / "empty", max_steps=10), resume=True)
+
+
+def test_bad_data_settings_are_explained(prepared, tmp_path):
+    recipe = recipe_for(prepared, tmp_path)
+    recipe.data.train = []
+    with pytest.raises(SmolforgeError, match="data.train is empty"):
+        train(recipe)
+    recipe = recipe_for(prepared, tmp_path)
+    recipe.data.tokenizer = str(tmp_path / "missing-tokenizer")
+    with pytest.raises(SmolforgeError):
+        train(recipe)
+
+
+def test_byte_lengths_count_text_bytes(prepared):
+    tokenizer = Tokenizer.load(prepared / "tok")
+    text = "Thou art, é 日本 🙂 1234!\n  code()"
+    ids = tokenizer.encode(text)
+    assert int(token_byte_lengths(tokenizer)[ids].sum()) == len(text.encode("utf-8"))
+    assert token_byte_lengths(tokenizer)[tokenizer.eos_id] == 0
+
+
+def test_a_stage_can_start_from_a_checkpoint(prepared, tmp_path):
+    first = train(recipe_for(prepared, tmp_path / "first", max_steps=10))
+    recipe = recipe_for(prepared, tmp_path / "second", max_steps=5, warmup_steps=1)
+    recipe.run.init_from = str(first.final_checkpoint)
+    second = train(recipe)
+    assert ckpt.read_meta(second.final_checkpoint)["parent"] == str(first.final_checkpoint)
+    first_loss = [r for r in read_metrics(first.run_dir) if "loss" in r][-1]["loss"]
+    second_loss = [r for r in read_metrics(second.run_dir) if "loss" in r][0]["loss"]
+    assert second_loss < first_loss + 0.5  # continues from trained weights, not from scratch
+    shutil.rmtree(tmp_path / "first")
