@@ -42,7 +42,8 @@ def hf_llama(model: Transformer):
 
 def make_step(model, logits_of, dtype, device):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext)
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
     def step(x):
         with autocast():

@@ -277,3 +277,33 @@ def test_training_texts_respect_byte_budget():
     assert fed[0] == sum(len(p.encode("utf-8")) for p in pieces) <= 120
     assert fed[0] > 100 and pieces[-1].endswith(" ")
     assert "never reached" not in pieces
+
+
+def test_cli_train_out_inside_data_directory(corpus_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_bytes((corpus_dir / "train.jsonl").read_bytes())
+    args = make_parser().parse_args(
+        ["tokenizer", "train", str(data), "--vocab-size", "384", "--out", str(data / "tok")]
+    )
+    args.func(args)  # the saved tokenizer files must not be read back as training data
+    assert "300 training documents" in capsys.readouterr().out
+
+
+def test_bare_tokenizer_json_without_eos(tmp_path):
+    from smolforge.tokenizer import new_backend
+
+    new_backend().save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert tok.eos_token is None and tok.pad_id is None
+    with pytest.raises(SmolforgeError, match="eos_token"):
+        _ = tok.eos_id
+
+
+def test_config_token_not_in_vocabulary(trained, tmp_path):
+    trained.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["eos_token"] = "</s>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(SmolforgeError, match=r"tokenizer_config\.json field 'eos_token'.*'</s>'"):
+        Tokenizer.load(tmp_path)

@@ -512,6 +512,7 @@ def _console():
 
 
 def _train_command(args: argparse.Namespace) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     console = _console()
@@ -548,10 +549,10 @@ def _train_command(args: argparse.Namespace) -> None:
     table.add_row("bytes/token", f"{sample['bytes_per_token']:.3f} "
                   f"(on {sample['documents']} training documents)")
     table.add_row("tokens/word", f"{sample['tokens_per_word']:.3f}")
-    table.add_row("saved to", str(args.out))
+    table.add_row("saved to", escape(str(args.out)))
     console.print(table)
     for warning in caught:
-        console.print(f"[yellow]warning:[/yellow] {warning.message}")
+        console.print(f"[yellow]warning:[/yellow] {escape(str(warning.message))}")
 
 
 _METRICS = [
@@ -567,6 +568,7 @@ _METRICS = [
 
 
 def _eval_command(args: argparse.Namespace) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     if len(args.tokenizers) > 2:
@@ -581,13 +583,13 @@ def _eval_command(args: argparse.Namespace) -> None:
                                           skip_invalid=args.skip_invalid))
     # Short column names keep the table readable; the caption gives the full paths.
     names = [Path(p).name if Path(p).is_dir() else Path(p).parent.name for p in args.tokenizers]
-    caption = "  ".join(f"[{i}] {p}" for i, p in enumerate(args.tokenizers, start=1))
+    caption = "  ".join(f"({i}) {escape(p)}" for i, p in enumerate(args.tokenizers, start=1))
     table = Table(title="tokenizer evaluation", caption=caption)
     table.add_column("metric")
     for i, name in enumerate(names, start=1):
-        table.add_column(f"[{i}] {name}", justify="right", overflow="fold")
+        table.add_column(f"({i}) {escape(name)}", justify="right", overflow="fold")
     if len(results) == 2:
-        table.add_column("ratio [2]/[1]", justify="right")
+        table.add_column("ratio (2)/(1)", justify="right")
     for key, label, fmt in _METRICS:
         row = [label] + [fmt.format(r[key]) for r in results]
         if len(results) == 2:
