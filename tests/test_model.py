@@ -193,6 +193,7 @@ def test_presets_are_valid_and_sized_as_named():
     assert 1.6e9 < sizes["smollm2-1.7b"] < 1.8e9
     assert 3.0e9 < sizes["smollm3-3b"] < 3.2e9
     assert 5e6 < sizes["smol-10m"] < 12e6
+    assert 2e6 < count_parameters(PRESETS["smol-3m"]().model_copy(update={"vocab_size": 2048}))["total"] < 4e6
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -57,7 +57,7 @@ def test_pretraining_learns_and_checkpoint_reloads(prepared, tmp_path):
     records = read_metrics(result.run_dir)
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 30
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.7
     evals = [r for r in records if "val_bpb" in r]
     assert [r["step"] for r in evals] == [10, 20, 30]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]

@@ -2,7 +2,7 @@
 
 Stage 1 (this version): train a byte-level BPE tokenizer on tinyshakespeare, tokenize it into
 shards (validation = the last 10% of the characters, nanoGPT's convention), pretrain the
-`smol-10m` preset, then print validation bits per byte and a sample, and write
+`smol-3m` preset, then print validation bits per byte and a sample, and write
 `runs/quickstart/report.md` with the loss curve. Later stages (SFT, preference optimisation,
 evaluation) are added to this same command.
 """
@@ -41,7 +41,7 @@ def prepare_text(data_dir: Path, val_fraction: float = 0.1) -> tuple[Path, Path]
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "quickstart", help="Run the whole pipeline on bundled data (CPU, minutes).",
-        description="Train a tokenizer, pretrain smol-10m on tinyshakespeare, report validation "
+        description="Train a tokenizer, pretrain smol-3m on tinyshakespeare, report validation "
                     "bits per byte, print a sample, and write runs/quickstart/report.md.",
     )
     parser.add_argument("--dir", default="runs", help="Parent directory of the run directory.")
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                       "data.train": [{"path": str(data_dir / "train"), "name": "tinyshakespeare"}],
                       "data.val": [{"path": str(data_dir / "val"), "name": "tinyshakespeare-val"}]})
 
-    print("[3/4] pretrain: smol-10m")
+    print("[3/4] pretrain: smol-3m (about 5 minutes on 2 CPU cores)")
     recipe = load_recipe(bundled_recipe(), overrides)
     result = train(recipe)
 
