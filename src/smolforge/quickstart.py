@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer.save(run_dir / "tokenizer")
 
     print("[2/4] data: tokenizing into shards")
-    tokenize_corpus([train_txt], run_dir / "tokenizer", data_dir / "train", progress=False)
-    tokenize_corpus([val_txt], run_dir / "tokenizer", data_dir / "val", progress=False)
+    tokenize_corpus([train_txt], run_dir / "tokenizer", data_dir / "train", workers=1, progress=False)
+    tokenize_corpus([val_txt], run_dir / "tokenizer", data_dir / "val", workers=1, progress=False)
     overrides.update({"data.tokenizer": str(run_dir / "tokenizer"),
                       "data.train": [{"path": str(data_dir / "train"), "name": "tinyshakespeare"}],
                       "data.val": [{"path": str(data_dir / "val"), "name": "tinyshakespeare-val"}]})
