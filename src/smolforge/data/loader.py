@@ -67,6 +67,18 @@ def positions_and_documents(tokens: np.ndarray, eos_id: int) -> tuple[np.ndarray
     return index - last_start, document_ids
 
 
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device,
+                 document_masking: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(input_ids, forward kwargs) on `device`. The document mask is passed only when a row
+    really holds several documents (checked on the host copy): single-document batches take
+    the plain causal attention path, which is faster."""
+    kwargs = {}
+    if document_masking and bool(batch["document_ids"][:, -1].any()):
+        kwargs = {"position_ids": batch["position_ids"].to(device, non_blocking=True),
+                  "document_ids": batch["document_ids"].to(device, non_blocking=True)}
+    return batch["input_ids"].to(device, non_blocking=True), kwargs
+
+
 class PretrainLoader:
     def __init__(self, sources: list[SourceSpec], seq_len: int, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1) -> None:

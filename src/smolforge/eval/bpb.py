@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tokenizers import pre_tokenizers
 
+from smolforge.data.loader import model_inputs
 from smolforge.train.objectives import IGNORE_INDEX, token_cross_entropy
 
 
@@ -51,12 +52,10 @@ def evaluate_loss_and_bpb(
     nll_sum = tokens = 0.0
     bpb_nll = bpb_bytes = 0.0
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        kwargs = ({"position_ids": batch["position_ids"], "document_ids": batch["document_ids"]}
-                  if document_masking else {})
+        input_ids, kwargs = model_inputs(batch, device, document_masking)
         with autocast():
-            logits = model(batch["input_ids"], **kwargs).logits
-        labels = batch["labels"]
+            logits = model(input_ids, **kwargs).logits
+        labels = batch["labels"].to(device)
         nll = token_cross_entropy(logits, labels)
         valid = labels != IGNORE_INDEX
         nll_sum += nll[valid].sum().item()

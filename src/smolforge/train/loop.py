@@ -26,6 +26,7 @@ import torch
 
 from smolforge import __version__
 from smolforge.config import PretrainRecipe, save_recipe
+from smolforge.data.loader import PretrainLoader, SourceSpec, model_inputs
 from smolforge.errors import SmolforgeError
 from smolforge.eval.bpb import evaluate_loss_and_bpb, token_byte_lengths
 from smolforge.model import (
@@ -116,8 +117,6 @@ def seed_everything(seed: int) -> None:
 
 def build_data(recipe: PretrainRecipe):
     """Training loader and (optional) validation loader from the recipe's sources."""
-    from smolforge.data.loader import PretrainLoader, SourceSpec
-
     if not recipe.data.train:
         raise SmolforgeError("data.train is empty: list at least one directory written by `smolforge data tokenize`")
 
@@ -238,12 +237,11 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for _ in range(tcfg.grad_accum):
-                batch = {k: v.to(device, non_blocking=True) for k, v in train_data.next_batch().items()}
-                kwargs = ({"position_ids": batch["position_ids"], "document_ids": batch["document_ids"]}
-                          if recipe.data.document_masking else {})
+                batch = train_data.next_batch()
+                input_ids, kwargs = model_inputs(batch, device, recipe.data.document_masking)
                 with autocast():
-                    output = forward(batch["input_ids"], **kwargs)
-                loss, parts = objective(output, batch, tcfg)
+                    output = forward(input_ids, **kwargs)
+                loss, parts = objective(output, {k: v.to(device) for k, v in batch.items()}, tcfg)
                 # Gradients accumulate in the fp32 .grad of the fp32 master weights.
                 (loss / tcfg.grad_accum).backward()
                 window_loss += loss.detach() / tcfg.grad_accum
