@@ -31,6 +31,8 @@ CASES = {
     "qwen2-bias": ({"attention_bias": True}, "Qwen2ForCausalLM"),
     "qwen3-qknorm": ({"qk_norm": True, "head_dim": 32}, "Qwen3ForCausalLM"),
     "smollm3-nope": ({"n_layers": 4, "nope_interval": 2, "rope_theta": 50000.0}, "SmolLM3ForCausalLM"),
+    "qwen3-moe": ({"n_experts": 4, "experts_per_token": 2, "qk_norm": True, "moe_intermediate_size": 32},
+                  "Qwen3MoeForCausalLM"),
 }
 
 
