@@ -1,35 +1,60 @@
 """Checkpoint directories: written atomically, verified by hash, loadable by `transformers`.
 
-A checkpoint (DESIGN.md "Artifacts") is a Hugging Face model directory plus two files:
-`smolforge.json` (stage, parent, recipe hash, metrics, and the size and sha256 of every other
-file) and, for periodic checkpoints, `trainer_state.pt` (optimizer, data position, RNG
-states, step). It is written into a temporary sibling directory, every file fsynced, then
-renamed into place: a crash leaves either the old checkpoint or the new one, never half of one
-(playbook ch. 06/08: frequent, safe checkpoints are what make restarts cheap).
+A checkpoint (DESIGN.md "Artifacts") is a Hugging Face model directory (`config.json`,
+`model.safetensors`, tokenizer files, `generation_config.json`) plus `smolforge.json` (stage,
+parent, recipe and data hashes, metrics, and the size and sha256 of every other file) and, for
+periodic checkpoints, `trainer_state.pt` (optimizer, scheduler, data position, RNG states, step).
+
+Why the care: playbook ch. 06/08 — long runs crash, and a restart is only cheap when the last
+checkpoint is known good. A checkpoint is therefore written into a temporary sibling directory
+(`.tmp-<name>-<pid>`), every file fsynced, and only then moved into place. On Linux an existing
+checkpoint is swapped for the new one in a single `renameat2(RENAME_EXCHANGE)`, so a crash at any
+moment leaves the old or the new checkpoint at `directory`. Elsewhere two renames are used and a
+crash between them leaves the old one at `.tmp-<name>-<pid>.old`, which the next save of that
+name restores before doing anything else. `.tmp-*` directories are never read as checkpoints.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
-import time
+import sys
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from smolforge import __version__
 from smolforge.errors import SmolforgeError
 from smolforge.interop import hf
-from smolforge.model import Transformer
+from smolforge.model import ModelConfig, Transformer
+
+if TYPE_CHECKING:
+    from smolforge.tokenizer import Tokenizer
 
 META_FILE = "smolforge.json"
 STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+LATEST_FILE = "latest"
+REQUIRED_FILES = ("config.json", WEIGHTS_FILE)
+# Sampling defaults of the SmolLM3 release (playbook ch. 07): temperature 0.6, top-p 0.95.
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}
+# Keys every smolforge.json has; `meta` passed to save_checkpoint fills them in.
+META_DEFAULTS: dict[str, Any] = {"stage": None, "parent": None, "recipe_hash": None,
+                                 "data_manifest_hash": None, "step": None, "metrics": {}}
+
+
+# --- file-system primitives ----------------------------------------------------------------------
 
 
 def _sha256(path: Path) -> str:
@@ -40,11 +65,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.iterdir():
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+def _fsync_dir(directory: Path) -> None:
+    """Make renames and new entries in `directory` durable (POSIX only)."""
+    if os.name != "posix":
+        return
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -52,167 +76,318 @@ def _fsync_tree(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_json(path: Path, data: dict) -> None:
+def _fsync_tree(directory: Path) -> None:
+    """Flush every file of a (flat) checkpoint directory and the directory itself to disk."""
+    for path in directory.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(directory)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def save_checkpoint(directory: str | Path, model: Transformer, tokenizer=None, *, meta: dict | None = None,
-                    trainer_state: dict | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write a complete checkpoint at `directory`, replacing an older one only once complete."""
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    if sys.platform != "linux":
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no libc symbol (glibc < 2.28, musl)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # the file system does not support the exchange: use two renames
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers (an earlier failed save in this process)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tidy_temporaries(directory: Path) -> None:
+    """Restore an old checkpoint stranded by a crash between two renames; delete dead temporaries."""
+    pattern = re.compile(rf"\.tmp-{re.escape(directory.name)}-(\d+)(\.old)?")
+    for path in sorted(directory.parent.glob(f".tmp-{directory.name}-*")):
+        match = pattern.fullmatch(path.name)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue  # not ours, or another live process is writing it right now
+        if match.group(2) and not directory.exists():
+            os.replace(path, directory)
+            _fsync_dir(directory.parent)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a checkpoint so that a crash half-way never leaves a partial one under its name."""
+    doomed = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+# --- one checkpoint directory ---------------------------------------------------------------------
+
+
+def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Tokenizer | None = None, *,
+                    meta: dict[str, Any] | None = None, trainer_state: dict[str, Any] | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write a complete checkpoint at `directory`; an older one there is replaced only once complete.
+
+    `dtype` casts floating-point weights on disk (e.g. torch.bfloat16 for a release); None keeps
+    the model's. Raises SmolforgeError before writing anything when no supported Hugging Face
+    architecture expresses the model, or when `directory` holds something other than a checkpoint.
+    """
     directory = Path(directory)
+    cfg = model.config
+    adapter = hf.adapter_for(cfg)  # refuse inexpressible models before touching the disk
     directory.parent.mkdir(parents=True, exist_ok=True)
-    for stale in directory.parent.glob(f".tmp-{directory.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by an earlier crash
+    _tidy_temporaries(directory)
+    if directory.exists() and not (directory / META_FILE).is_file() and any(directory.iterdir()):
+        raise SmolforgeError(f"{directory} exists and is not a smolforge checkpoint (no {META_FILE}); "
+                             f"refusing to replace it: choose another path or remove it")
+    state = {name: t.detach().to(dtype if dtype and t.is_floating_point() else t.dtype).cpu().contiguous()
+             for name, t in adapter.to_hf(model.state_dict(), cfg).items()}
+    dtype_name = str(state["model.embed_tokens.weight"].dtype).removeprefix("torch.")
+    ids = hf.token_ids(tokenizer)
+
     tmp = directory.parent / f".tmp-{directory.name}-{os.getpid()}"
     tmp.mkdir()
     try:
-        cfg = model.config
-        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu()
-                 for k, v in hf.to_hf(model.state_dict(), cfg).items()}
-        dtype_name = str(next(iter(state.values())).dtype).removeprefix("torch.")
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        ids = {"bos_id": getattr(tokenizer, "bos_id", None), "eos_id": getattr(tokenizer, "eos_id", None),
-               "pad_id": getattr(tokenizer, "pad_id", None)}
-        _write_json(tmp / "config.json", hf.hf_config(cfg, dtype=dtype_name, **ids))
-        # Sampling defaults from the SmolLM3 release (playbook ch. 07): temperature 0.6, top-p 0.95.
-        _write_json(tmp / "generation_config.json", {
-            "bos_token_id": ids["bos_id"], "eos_token_id": ids["eos_id"], "pad_token_id": ids["pad_id"],
-            "do_sample": True, "temperature": 0.6, "top_p": 0.95})
+        _write_json(tmp / "config.json", hf.hf_config(cfg, ids, dtype=dtype_name))
+        _write_json(tmp / "generation_config.json", {**ids, **GENERATION_DEFAULTS})
         if tokenizer is not None:
             tokenizer.save(tmp)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE_FILE)
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
-        _write_json(tmp / META_FILE, {**(meta or {}), "smolforge_version": __version__,
-                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                      "model": cfg.model_dump(), "files": files})
+        record = {**META_DEFAULTS, **(meta or {}), "smolforge_version": __version__,
+                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "architecture": adapter.architecture, "model": cfg.model_dump(), "files": files}
+        _write_json(tmp / META_FILE, record)
         _fsync_tree(tmp)
-        if directory.exists():
-            # Two renames: the old checkpoint stays complete until the new one is in place.
-            old = directory.parent / f".tmp-old-{directory.name}-{os.getpid()}"
+        if not directory.exists():
+            os.replace(tmp, directory)
+        elif _exchange(tmp, directory):
+            shutil.rmtree(tmp, ignore_errors=True)  # `tmp` now holds the old checkpoint
+        else:
+            old = tmp.with_name(tmp.name + ".old")
             os.replace(directory, old)
             os.replace(tmp, directory)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        _fsync_dir(directory.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        old = tmp.with_name(tmp.name + ".old")
+        if old.exists() and not directory.exists():
+            os.replace(old, directory)  # failed between the two renames: put the old one back
         raise
     return directory
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """smolforge.json of a checkpoint ({} for a plain Hugging Face directory)."""
+    """smolforge.json of a checkpoint ({} for a plain Hugging Face model directory)."""
     file = Path(path) / META_FILE
-    return json.loads(file.read_text()) if file.is_file() else {}
+    if not file.is_file():
+        return {}
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SmolforgeError(f"{file} is corrupt (not valid JSON: {exc})") from None
+    if not isinstance(meta, dict):
+        raise SmolforgeError(f"{file} is corrupt (expected a JSON object)")
+    return meta
 
 
 def verify_checkpoint(directory: str | Path) -> None:
-    """Recompute sizes and hashes recorded in smolforge.json; raise naming the first bad file."""
+    """Recompute the size and sha256 of every file recorded in smolforge.json; raise on the first bad one."""
     directory = Path(directory)
-    try:
-        meta = read_meta(directory)
-    except json.JSONDecodeError:
-        raise SmolforgeError(f"{directory / META_FILE} is corrupt (not valid JSON)") from None
+    meta = read_meta(directory)
     if not meta:
         raise SmolforgeError(f"{directory} has no {META_FILE}: it is not a complete smolforge checkpoint")
-    for name, info in meta.get("files", {}).items():
+    files = meta.get("files")
+    if not isinstance(files, dict) or any(name not in files for name in REQUIRED_FILES):
+        raise SmolforgeError(f"{directory / META_FILE} does not record the checkpoint's files "
+                             f"({', '.join(REQUIRED_FILES)}): the checkpoint is incomplete")
+    for name, info in files.items():
         file = directory / name
         if not file.is_file():
             raise SmolforgeError(f"{file} is missing from the checkpoint")
-        if file.stat().st_size != info["size"]:
-            raise SmolforgeError(f"{file} is truncated or changed: {file.stat().st_size} bytes, "
-                                 f"expected {info['size']}")
+        size = file.stat().st_size
+        if size != info["size"]:
+            raise SmolforgeError(f"{file} is truncated or changed: {size} bytes, {META_FILE} "
+                                 f"records {info['size']}")
         if _sha256(file) != info["sha256"]:
-            raise SmolforgeError(f"{file} is corrupt: its sha256 differs from the one recorded")
+            raise SmolforgeError(f"{file} is corrupt: its sha256 differs from the one in {META_FILE}")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               verify: bool = True):
-    """Load a smolforge checkpoint or a Hugging Face model directory: (model, tokenizer)."""
+               verify: bool = True) -> tuple[Transformer, Tokenizer]:
+    """(model, tokenizer) from a smolforge checkpoint or a Hugging Face model directory.
+
+    Plain HF directories of a supported architecture load too (single `model.safetensors` or a
+    sharded `model.safetensors.index.json`). `dtype` None keeps the stored dtype. smolforge
+    checkpoints are verified against their recorded hashes first unless `verify=False`.
+    """
     from smolforge.tokenizer import Tokenizer
 
     path = Path(path)
+    expected = (f"expected a smolforge checkpoint or a Hugging Face model directory holding config.json, "
+                f"{WEIGHTS_FILE} (or {WEIGHTS_INDEX} with its shards) and tokenizer.json")
+    if not path.is_dir():
+        raise SmolforgeError(f"{path}: no such directory; {expected}")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise SmolforgeError(f"{path} is not a model directory: expected config.json and model.safetensors "
-                             f"(a smolforge checkpoint or a Hugging Face model)")
+        raise SmolforgeError(f"{path} is not a model directory (no config.json): {expected}")
     if verify and (path / META_FILE).is_file():
         verify_checkpoint(path)
-    cfg = hf.model_config_from_hf(json.loads(config_file.read_text()), str(config_file))
-    tensors = _read_weights(path)
-    state = hf.from_hf(tensors, cfg, str(path))
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SmolforgeError(f"{config_file}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    cfg = _recorded_config(path, hf.model_config_from_hf(config, str(config_file)))
+    architecture = (config.get("architectures") or [None])[0]
+    state = hf.from_hf(_read_weights(path, expected), cfg, str(path), architecture=architecture)
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.load_state_dict(state, assign=True)
+    model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
-    model.eval()
-    return model, Tokenizer.load(path)
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model.eval(), Tokenizer.load(path)
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    single = path / WEIGHTS_FILE
-    index = path / "model.safetensors.index.json"
-    if single.is_file():
-        return load_file(single)
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        tensors: dict[str, torch.Tensor] = {}
-        for name in files:
-            tensors.update(load_file(path / name))
-        return tensors
-    raise SmolforgeError(f"{path} has no {WEIGHTS_FILE} (or sharded index): only safetensors weights are read")
+def _recorded_config(path: Path, from_json: ModelConfig) -> ModelConfig:
+    """The exact ModelConfig recorded in smolforge.json when it agrees with config.json.
+
+    config.json cannot hold smolforge-only settings (init_std aside: router loss weight of a dense
+    model, head_dim=0 meaning "derive it"); the recorded copy keeps them, so save/load is exact.
+    """
+    try:
+        recorded = ModelConfig(**read_meta(path).get("model", {}))
+        same = hf.model_config_from_hf(hf.hf_config(recorded)) == from_json
+    except (ValueError, TypeError, SmolforgeError):
+        return from_json
+    return recorded if same else from_json
+
+
+def _read_weights(path: Path, expected: str) -> dict[str, torch.Tensor]:
+    single, index = path / WEIGHTS_FILE, path / WEIGHTS_INDEX
+    try:
+        if single.is_file():
+            return load_file(single)
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            tensors: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                tensors.update(load_file(path / shard))
+            return tensors
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
+        raise SmolforgeError(f"{path}: cannot read the weights ({type(exc).__name__}: {exc})") from None
+    hint = " (only safetensors are read; pytorch_model.bin is not)" if (path / "pytorch_model.bin").exists() else ""
+    raise SmolforgeError(f"{path} has no {WEIGHTS_FILE}{hint}: {expected}")
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The dict the training loop saved with the checkpoint (optimizer, loader, RNG states, step)."""
     file = Path(path) / STATE_FILE
     if not file.is_file():
-        raise SmolforgeError(f"{path} has no {STATE_FILE}: it is a final model, not a resumable checkpoint")
-    # Our own file (optimizer tensors, numpy RNG state): not a foreign pickle.
-    return torch.load(file, map_location="cpu", weights_only=False)
+        raise SmolforgeError(f"{path} has no {STATE_FILE}: it is a final model, not a resumable "
+                             f"checkpoint; resume from one under checkpoints/ instead")
+    try:
+        # Our own file (optimizer tensors, numpy RNG state), hence weights_only=False.
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as exc:  # unpickling errors come in many types
+        raise SmolforgeError(f"{file} cannot be read ({type(exc).__name__}: {exc})") from None
 
 
-# --- periodic checkpoints of a run ---------------------------------------------------------------
+# --- periodic checkpoints of a run -----------------------------------------------------------------
+
+_STEP_DIR = re.compile(r"step_(\d+)")
+_TMP_NAME = re.compile(r"\.tmp-(step_\d+)-\d+(\.old)?")
 
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def save_run_checkpoint(run_dir: str | Path, step: int, model: Transformer, tokenizer, *, meta: dict,
-                        trainer_state: dict, keep_last: int) -> Path:
-    """Write checkpoints/step_N, point `latest` at it, and prune beyond the newest `keep_last`."""
+def _step_dirs(root: Path) -> list[Path]:
+    """checkpoints/step_* directories, oldest first by step number (not by name: 1_000_000 > 999_999)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def save_run_checkpoint(run_dir: str | Path, step: int, model: Transformer, tokenizer: Tokenizer | None, *,
+                        meta: dict[str, Any], trainer_state: dict[str, Any], keep_last: int) -> Path:
+    """Write checkpoints/step_N, point `latest` at it, then prune all but the newest `keep_last`."""
+    if keep_last < 1:
+        raise ValueError("keep_last must be at least 1")
     root = Path(run_dir) / "checkpoints"
-    path = save_checkpoint(root / checkpoint_name(step), model, tokenizer, meta=meta, trainer_state=trainer_state)
-    latest_tmp = root / f".latest-{os.getpid()}"
-    latest_tmp.write_text(path.name + "\n")
-    os.replace(latest_tmp, root / "latest")
-    for old in sorted(root.glob("step_*"))[:-keep_last]:
-        if old != path:
-            shutil.rmtree(old, ignore_errors=True)
+    path = save_checkpoint(root / checkpoint_name(step), model, tokenizer,
+                           meta={"step": step, **meta}, trainer_state=trainer_state)
+    _write_text_atomic(root / LATEST_FILE, path.name + "\n")
+    # Leftovers of crashed saves or deletions of other steps (a save only tidies its own name).
+    for name in {m.group(1) for p in root.glob(".tmp-step_*") if (m := _TMP_NAME.fullmatch(p.name))}:
+        _tidy_temporaries(root / name)
+    for old in _step_dirs(root)[:-keep_last]:
+        if old.name != path.name:
+            _remove_dir(old)
     return path
 
 
 def find_resume_checkpoint(run_dir: str | Path) -> Path:
-    """The newest checkpoint of the run that verifies; warns about and skips corrupt ones."""
+    """The newest checkpoint of the run that verifies and holds trainer state.
+
+    Corrupt or truncated ones are skipped with a warning naming them and the reason; `latest` is
+    checked against the result (it may lag by one checkpoint after a crash between the two writes).
+    """
     root = Path(run_dir) / "checkpoints"
-    candidates = sorted(root.glob("step_*"), reverse=True) if root.is_dir() else []
-    latest = root / "latest"
-    if latest.is_file():
-        named = root / latest.read_text().strip()
-        if named in candidates:  # try the one `latest` names first
-            candidates.remove(named)
-            candidates.insert(0, named)
-    for candidate in candidates:
+    latest = root / LATEST_FILE
+    named = latest.read_text(encoding="utf-8").strip() if latest.is_file() else None
+    skipped = []
+    for candidate in reversed(_step_dirs(root)):
         try:
             verify_checkpoint(candidate)
             if not (candidate / STATE_FILE).is_file():
                 raise SmolforgeError(f"{candidate} has no {STATE_FILE}")
-            return candidate
         except SmolforgeError as exc:
-            warnings.warn(f"skipping checkpoint {candidate.name}: {exc}; trying an older one", stacklevel=2)
-    raise SmolforgeError(f"no usable checkpoint in {root}: start without --resume, or check --run.dir "
-                         f"and --run.name point at the run you mean")
+            skipped.append(candidate.name)
+            warnings.warn(f"checkpoint {candidate} is unusable and is skipped: {exc}. Falling back to "
+                          f"an older checkpoint.", stacklevel=2)
+            continue
+        if named is not None and named != candidate.name and named not in skipped:
+            warnings.warn(f"{latest} names {named!r} but the newest complete checkpoint is "
+                          f"{candidate.name}: resuming from {candidate.name}", stacklevel=2)
+        return candidate
+    reason = f" ({', '.join(skipped)} failed verification)" if skipped else ""
+    raise SmolforgeError(f"no usable checkpoint in {root}{reason}: start without --resume, or point "
+                         f"--run.dir / --run.name at the run you mean to continue")

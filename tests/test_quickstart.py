@@ -1,0 +1,31 @@
+"""The quickstart command end to end, shortened to a few steps."""
+
+from __future__ import annotations
+
+import json
+
+from smolforge.cli import main
+from smolforge.quickstart import bundled_text
+
+
+def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path, capsys):
+    args = ["quickstart", "--dir", str(tmp_path), "--max-steps", "4", "--sample-tokens", "16"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "validation bits per byte" in out and "ROMEO:" in out
+    run = tmp_path / "quickstart"
+    for name in ("report.md", "loss.png", "recipe.yaml", "metrics.jsonl", "final/model.safetensors",
+                 "final/tokenizer.json", "data/train/manifest.json", "data/val/manifest.json"):
+        assert (run / name).exists(), name
+    report = (run / "report.md").read_text()
+    assert "validation bits per byte" in report and "## Sample" in report
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_bpb" in line]
+    assert evals and evals[-1]["val_bpb"] > 0
+    # The validation split is the last 10% of the characters, kept out of training.
+    text = bundled_text()
+    assert (run / "data" / "val.txt").read_text() == text[int(len(text) * 0.9):]
+    assert (run / "data" / "train.txt").read_text() == text[: int(len(text) * 0.9)]
+    # A second run does not overwrite the first unless asked.
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
