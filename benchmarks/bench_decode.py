@@ -14,23 +14,12 @@ import json
 import os
 import platform
 import statistics
-import time
 
 import torch
-from bench_train import hf_llama  # noqa: E402  (run from the repo root or benchmarks/)
+from bench_train import hf_llama, timed  # noqa: E402  (run from the repo root or benchmarks/)
 
 from smolforge.engine import Engine, SamplingParams
 from smolforge.model import PRESETS, Transformer
-
-
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
 
 
 def main() -> None:

@@ -57,11 +57,12 @@ def make_step(model, logits_of, dtype, device):
     return step
 
 
-def timed(step, x, device) -> float:
+def timed(fn, device) -> float:
+    """Wall time of fn(), with the GPU queue drained before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    step(x).item()
+    fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t
@@ -103,7 +104,7 @@ def main() -> None:
     times = {name: [] for name in steps}
     for _ in range(args.steps):  # alternate so drift in machine load affects both
         for name, step in steps.items():
-            times[name].append(timed(step, x, device))
+            times[name].append(timed(lambda step=step: step(x).item(), device))
     tokens = args.batch * args.seq
     result = {"preset": args.preset, "params": count_parameters(cfg)["total"], "batch": args.batch,
               "seq": args.seq, "device": args.device, "dtype": args.dtype, "compile": args.compile,

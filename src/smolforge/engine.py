@@ -1,13 +1,25 @@
-"""The inference engine: batched prefill + decode with a KV cache, sampling, stops, streaming.
+"""The inference engine: batched prefill + KV-cache decoding, sampling, stops, streaming.
 
-One engine serves `generate`, chat, serving, generative evaluation and RL rollouts (nanochat's
-`engine.py` idea). Prompts of different lengths are left-padded into one batch: a key mask
-hides the padding and position ids count only real tokens, so a prompt gives the same tokens
-alone or in a batch. Finished rows leave the batch, so late decode steps get cheaper.
+One engine serves `smolforge generate`, chat, the HTTP server, generative evaluation and RL
+rollouts (DESIGN "One of each"; nanochat's `engine.py` is the model to follow).
 
-Sampling applies, in order: repetition penalty (CTRL, Keskar et al. 2019) → temperature →
-top-k → top-p (nucleus, Holtzman et al. 2020) → min-p (Nguyen et al. 2024) → draw.
-Each filter is a small pure function of the logits.
+How a request runs:
+1. Prompts of different lengths are left-padded into one batch and prefilled in a single
+   forward. A key mask hides the padding and position ids count only real tokens, so a prompt
+   gives exactly the same tokens alone or in any batch.
+2. Decoding adds one token per step for every running row, reading keys and values from the
+   model's pre-allocated `KVCache` (sized prompt + max_new_tokens, never beyond the model's
+   context length).
+3. A row that emits a stop token or completes a stop string leaves the batch at once
+   (`KVCache.select`), so the late steps of a ragged batch get cheaper.
+
+Sampling applies, in this order (each a small pure function logits -> logits):
+repetition penalty (CTRL, Keskar et al. 2019) -> temperature -> top-k (Fan et al. 2018) ->
+top-p / nucleus (Holtzman et al. 2020) -> min-p (Nguyen et al. 2024) -> draw with
+`torch.multinomial` from a seeded `torch.Generator`; temperature 0 is greedy (argmax).
+
+The per-step loop does no Python work proportional to the vocabulary and one host sync (the
+sampled token ids, needed to check stops and to stream text).
 """
 
 from __future__ import annotations
@@ -25,40 +37,63 @@ from smolforge.errors import SmolforgeError
 from smolforge.model import Transformer
 
 
-class TextCodec(Protocol):
-    eos_id: int
+class TokenizerLike(Protocol):
+    """What the engine needs from a tokenizer (`smolforge.tokenizer.Tokenizer` fits)."""
 
-    def encode(self, text: str) -> list[int]: ...
+    @property
+    def eos_id(self) -> int: ...
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
+
+
+class InvalidSamplingParam(ValueError):
+    """A `SamplingParams` field is out of range; `.field` names it (the CLI maps it to a flag)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name} {message}")
+        self.field = field_name
 
 
 @dataclass
 class SamplingParams:
+    """How to continue a prompt. The defaults sample from the model's full distribution."""
+
     max_new_tokens: int = 256
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    seed: int | None = None
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens of the prompt and output
+    stop: list[str] = field(default_factory=list)  # stop strings; the text is cut before them
+    stop_token_ids: list[int] = field(default_factory=list)  # the tokenizer's EOS is added
+    ignore_eos: bool = False  # True: EOS does not stop (benchmarks, fixed-length rollouts)
+    seed: int | None = None  # None: the global torch RNG
 
     def validate(self) -> None:
-        checks = [("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
-                  ("temperature", self.temperature >= 0, "must be >= 0"),
-                  ("top_k", self.top_k >= 0, "must be >= 0"),
-                  ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-                  ("min_p", 0 <= self.min_p < 1, "must be in [0, 1)"),
-                  ("repetition_penalty", self.repetition_penalty > 0, "must be > 0")]
-        for name, ok, rule in checks:
+        """Raise `InvalidSamplingParam` (a ValueError) naming the first bad field."""
+        rules = [
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"),
+            ("temperature", self.temperature >= 0, "must be >= 0 (0 = greedy)"),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0 = off)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 = off)"),
+            ("min_p", 0 <= self.min_p < 1, "must be in [0, 1) (0 = off)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1 = off)"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must hold non-empty strings"),
+        ]
+        for name, ok, rule in rules:
             if not ok:
-                raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+                raise InvalidSamplingParam(name, f"{rule}, got {getattr(self, name)!r}")
 
 
 @dataclass
 class Completion:
+    """One prompt's result.
+
+    `tokens` are all generated ids, including the stop token that ended the row (RL needs its
+    log-probability); `text` (None without a tokenizer) excludes that token and is cut before
+    a matched stop string.
+    """
+
     prompt_tokens: list[int]
     tokens: list[int]
     text: str | None
@@ -67,242 +102,327 @@ class Completion:
 
 @dataclass
 class StreamDelta:
+    """What one running prompt (`index` into the request) produced in one decode step."""
+
     index: int
     tokens: list[int]
-    text: str
-    finish_reason: str | None
+    text: str  # safe to print: whole characters, never part of a pending stop string
+    finish_reason: str | None  # set on the row's last delta
 
 
-# --- sampling filters: logits (N, V) -> logits ----------------------------------------------------
+# --- sampling filters: pure functions of (N, V) logits -----------------------------------------
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
-    """Divide positive / multiply negative logits of tokens already seen (`seen` (N, V) bool)."""
+    """CTRL penalty (Keskar et al. 2019, eq. 2): for tokens already seen (`seen` (N, V) bool),
+    divide positive logits and multiply negative ones by `penalty`."""
     if penalty == 1.0:
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 
 
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    """Divide by the temperature (> 0; temperature 0 is handled as argmax by the caller)."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Keep the k largest logits per row (ties with the k-th are kept too); 0 = off."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
-    kth = logits.topk(k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
+    kth_largest = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
 
 
 def top_p_filter(logits: Tensor, p: float) -> Tensor:
-    """Keep the smallest set of tokens whose probability mass reaches p (the top one always)."""
+    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p.
+
+    A token is dropped when the tokens ranked above it already hold mass >= p, so the most
+    likely token always survives.
+    """
     if p >= 1.0:
         return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cumulative = sorted_logits.softmax(-1).cumsum(-1)
-    drop_sorted = cumulative - sorted_logits.softmax(-1) >= p  # mass before this token already >= p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    ranked, order = logits.sort(dim=-1, descending=True)
+    probs = ranked.softmax(-1)
+    drop_ranked = probs.cumsum(-1) - probs >= p
+    drop = torch.empty_like(drop_ranked).scatter_(-1, order, drop_ranked)
     return logits.masked_fill(drop, float("-inf"))
 
 
 def min_p_filter(logits: Tensor, min_p: float) -> Tensor:
-    """Drop tokens whose probability is below min_p times the top token's probability."""
+    """Drop tokens whose probability is below `min_p` x the top token's probability."""
     if min_p <= 0:
         return logits
     probs = logits.softmax(-1)
-    threshold = probs.max(-1, keepdim=True).values * min_p
+    threshold = probs.amax(-1, keepdim=True) * min_p
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def sample_next(logits: Tensor, seen: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
-    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+def sample_tokens(logits: Tensor, params: SamplingParams, seen: Tensor | None = None,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Next token id per row of `logits` (N, V), through the filter pipeline above."""
+    if seen is not None and params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
     if params.temperature == 0:
         return logits.argmax(-1)
-    logits = logits / params.temperature
-    logits = min_p_filter(top_p_filter(top_k_filter(logits, params.top_k), params.top_p), params.min_p)
+    logits = apply_temperature(logits.float(), params.temperature)
+    logits = top_k_filter(logits, params.top_k)
+    logits = top_p_filter(logits, params.top_p)
+    logits = min_p_filter(logits, params.min_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-# --- the engine ------------------------------------------------------------------------------------
+# --- incremental text with stop strings -------------------------------------------------------
 
 
-class _TextTracker:
-    """Decoded text of one row, released only when it cannot be part of a stop string or an
-    unfinished multi-byte character."""
+class _TextStream:
+    """Turns one row's growing token list into text pieces that are safe to emit.
 
-    def __init__(self, codec: TextCodec | None, stops: list[str]) -> None:
-        self.codec, self.stops = codec, stops
-        self.tokens: list[int] = []
-        self.sent = 0  # characters already released
-        self.hold = max((len(s) for s in stops), default=1) - 1
+    Decoding re-reads only a short window of recent tokens (the incremental detokenisation of
+    Hugging Face's text-generation-inference), so a step costs O(1), not O(output). Text is held
+    back while it ends in an incomplete UTF-8 character (decoded as U+FFFD) or while its tail
+    could still be the start of a stop string.
+    """
+
+    def __init__(self, tokenizer: TokenizerLike, stops: list[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, stops
+        self.ids: list[int] = []
+        self.window = 0  # ids[window:read] decode to text already taken
+        self.read = 0
+        self.pending = ""  # decoded, not yet emitted (a possible stop-string prefix)
 
     def push(self, token: int) -> tuple[str, bool]:
-        """Add a token; return (new releasable text, hit a stop string)."""
-        self.tokens.append(token)
-        if self.codec is None:
-            return "", False
-        text = self.codec.decode(self.tokens)
-        for stop in self.stops:
-            cut = text.find(stop, max(0, self.sent - len(stop)))
-            if cut >= 0:
-                out, self.sent = text[self.sent : cut], cut
-                return out, True
-        safe = len(text) - self.hold
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
-            safe = min(safe, len(text) - 1)
-        if safe <= self.sent:
-            return "", False
-        out, self.sent = text[self.sent : safe], safe
-        return out, False
+        """Add a token; return (text to emit now, whether a stop string was completed)."""
+        self.ids.append(token)
+        taken = self.tokenizer.decode(self.ids[self.window : self.read])
+        now = self.tokenizer.decode(self.ids[self.window :])
+        if len(now) <= len(taken) or now.endswith("\ufffd"):
+            return "", False  # nothing new yet, or half a multi-byte character
+        self.window, self.read = self.read, len(self.ids)
+        self.pending += now[len(taken) :]
+        return self._release()
 
-    def flush(self) -> str:
-        if self.codec is None:
-            return ""
-        text = self.codec.decode(self.tokens)
-        out, self.sent = text[self.sent :], len(text)
-        return out
+    def finish(self) -> str:
+        """The row ended: emit whatever is held (an incomplete character included)."""
+        taken = self.tokenizer.decode(self.ids[self.window : self.read])
+        self.pending += self.tokenizer.decode(self.ids[self.window :])[len(taken) :]
+        self.window = self.read = len(self.ids)
+        text, _ = self._release(final=True)
+        return text
 
-    @property
-    def text(self) -> str | None:
-        return None if self.codec is None else self.codec.decode(self.tokens)[: self.sent]
+    def _release(self, final: bool = False) -> tuple[str, bool]:
+        # Emitted text never contains the start of a stop string that might still complete,
+        # so a stop string can only begin inside `pending`.
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            text, self.pending = self.pending[: min(hits)], ""
+            return text, True
+        hold = 0 if final else max((k for s in self.stops for k in range(1, len(s))
+                                    if self.pending.endswith(s[:k])), default=0)
+        cut = len(self.pending) - hold
+        text, self.pending = self.pending[:cut], self.pending[cut:]
+        return text, False
+
+
+# --- the engine ---------------------------------------------------------------------------------
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: TextCodec | None = None,
+    """Batched generation for one model (and optionally its tokenizer, for text and stops).
+
+    The model's train/eval mode is left alone (RL shares the model with the trainer; the model
+    has no dropout). With `device`, the model is moved there.
+    """
+
+    def __init__(self, model: Transformer, tokenizer: TokenizerLike | None = None,
                  device: str | torch.device | None = None) -> None:
-        self.model = model.eval()
+        if device is not None:
+            model.to(device)
+        self.model = model
         self.tokenizer = tokenizer
-        self.device = torch.device(device) if device else next(model.parameters()).device
-        if device:
-            self.model.to(self.device)
+        self.device = next(model.parameters()).device
+
+    def stream(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[StreamDelta]]:
+        """After each decode step, yield one delta per prompt still running at that step.
+
+        The request is checked here, before the first `next()`.
+        """
+        self._check(prompts, params)
+        return self._decode(prompts, params)
 
     @torch.inference_mode()
-    def stream(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[StreamDelta]]:
-        """Yield, after each decode step, the new tokens and text of every row that changed."""
-        params.validate()
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
-        longest = max(len(p) for p in prompts)
-        limit = self.model.config.max_seq_len
-        if longest + params.max_new_tokens > limit:
-            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
-                             f"the model's context length ({limit})")
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos and self.tokenizer is not None:
-            stop_ids.add(self.tokenizer.eos_id)
-        stop_ids_t = torch.tensor(sorted(stop_ids) or [-1], device=self.device)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-
-        n, V = len(prompts), self.model.config.vocab_size
-        input_ids = torch.zeros(n, longest, dtype=torch.long, device=self.device)
-        key_mask = torch.zeros(n, longest, dtype=torch.bool, device=self.device)
-        for i, p in enumerate(prompts):
-            input_ids[i, longest - len(p):] = torch.tensor(p, device=self.device)
-            key_mask[i, longest - len(p):] = True
-        positions = (key_mask.cumsum(-1) - 1).clamp(min=0)
-        seen = torch.zeros(n, V, dtype=torch.bool, device=self.device)
-        if params.repetition_penalty != 1.0:
-            seen.scatter_(1, input_ids, key_mask)
-        cache = self.model.new_cache(n, longest + params.max_new_tokens)
-        logits = self.model(input_ids, position_ids=positions, key_mask=key_mask, cache=cache).logits[:, -1]
-        next_pos = positions[:, -1] + 1
-        rows = list(range(n))  # original index of each live batch row
-        trackers = [_TextTracker(self.tokenizer, params.stop) for _ in prompts]
-        for step in range(params.max_new_tokens):
-            tokens = sample_next(logits, seen, params, generator)
-            is_stop = torch.isin(tokens, stop_ids_t)
-            seen[torch.arange(len(rows), device=self.device), tokens] = True
-            host_tokens, host_stop = tokens.tolist(), is_stop.tolist()  # the one sync per step
-            deltas, keep = [], []
-            for b, (row, token, stop_token) in enumerate(zip(rows, host_tokens, host_stop)):
-                tracker = trackers[row]
-                if stop_token:
-                    deltas.append(StreamDelta(row, [], tracker.flush(), "stop"))
-                    continue
-                text, hit_stop = tracker.push(token)
-                if hit_stop:
-                    deltas.append(StreamDelta(row, [token], text, "stop"))
-                elif step == params.max_new_tokens - 1:
-                    deltas.append(StreamDelta(row, [token], text + tracker.flush(), "length"))
-                else:
-                    deltas.append(StreamDelta(row, [token], text, None))
-                    keep.append(b)
-            yield deltas
-            if not keep:
-                return
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=self.device)
-                cache.select(index)
-                tokens, next_pos, seen = tokens[index], next_pos[index], seen[index]
-                rows = [rows[b] for b in keep]
-            logits = self.model(tokens[:, None], position_ids=next_pos[:, None], cache=cache).logits[:, -1]
-            next_pos = next_pos + 1
-
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Complete every prompt (lists of token ids); results in the order of `prompts`."""
         tokens: list[list[int]] = [[] for _ in prompts]
-        texts = ["" for _ in prompts]
-        reasons = ["length" for _ in prompts]
+        texts = [[] for _ in prompts]
+        reasons = ["length"] * len(prompts)
         for deltas in self.stream(prompts, params):
             for d in deltas:
                 tokens[d.index] += d.tokens
-                texts[d.index] += d.text
-                if d.finish_reason:
+                texts[d.index].append(d.text)
+                if d.finish_reason is not None:
                     reasons[d.index] = d.finish_reason
-        return [Completion(list(p), t, texts[i] if self.tokenizer else None, reasons[i])
-                for i, (p, t) in enumerate(zip(prompts, tokens))]
+        return [Completion(list(p), t, "".join(x) if self.tokenizer is not None else None, r)
+                for p, t, x, r in zip(prompts, tokens, texts, reasons)]
 
     def generate_text(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
-        if self.tokenizer is None:
-            raise ValueError("generate_text needs a tokenizer")
-        return self.generate([self.tokenizer.encode(p) for p in prompts], params)
+        """Encode the prompts with the tokenizer, then `generate`."""
+        encode = getattr(self.tokenizer, "encode", None)
+        if encode is None:
+            raise ValueError("generate_text needs a tokenizer with an encode() method")
+        return self.generate([encode(p) for p in prompts], params)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _check(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        params.validate()
+        if not prompts:
+            raise ValueError("no prompts given")
+        vocab = self.model.config.vocab_size
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+            if min(p) < 0 or max(p) >= vocab:
+                raise ValueError(f"prompt {i} holds token ids outside the vocabulary [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer: pass one to Engine(model, tokenizer)")
+        longest, limit = max(len(p) for p in prompts), self.model.config.max_seq_len
+        if longest + params.max_new_tokens > limit:
+            raise ValueError(
+                f"the longest prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                f"= {longest + params.max_new_tokens} exceeds the model's context length ({limit}); "
+                "shorten the prompt or lower max_new_tokens"
+            )
+
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos and self.tokenizer is not None:
+            try:
+                stop_ids.add(self.tokenizer.eos_id)
+            except SmolforgeError:  # a tokenizer without EOS: only explicit stops apply
+                pass
+        return stop_ids
+
+    def _prefill_inputs(self, prompts: list[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
+        """Left-padded ids, key mask (False at padding) and positions counting real tokens."""
+        longest = max(len(p) for p in prompts)
+        ids = [[0] * (longest - len(p)) + list(p) for p in prompts]
+        mask = [[False] * (longest - len(p)) + [True] * len(p) for p in prompts]
+        input_ids = torch.tensor(ids, device=self.device)
+        key_mask = torch.tensor(mask, device=self.device)
+        positions = (key_mask.cumsum(-1) - 1).clamp(min=0)
+        return input_ids, key_mask, positions
+
+    @torch.inference_mode()
+    def _decode(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[StreamDelta]]:
+        n, device = len(prompts), self.device
+        stop_ids = self._stop_ids(params)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(params.seed)
+        seen = None  # (rows, V) bool: tokens of prompt + output, for the repetition penalty
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros(n, self.model.config.vocab_size, dtype=torch.bool, device=device)
+            rows = [i for i, p in enumerate(prompts) for _ in p]
+            seen[torch.tensor(rows, device=device), torch.tensor([t for p in prompts for t in p], device=device)] = True
+        texts = ([_TextStream(self.tokenizer, params.stop) for _ in prompts]
+                 if self.tokenizer is not None else None)
+
+        input_ids, key_mask, positions = self._prefill_inputs(prompts)
+        cache = self.model.new_cache(n, input_ids.shape[1] + params.max_new_tokens)
+        logits = self.model(input_ids, position_ids=positions, key_mask=key_mask, cache=cache).logits[:, -1]
+        next_pos = positions[:, -1:] + 1  # (rows, 1)
+        live = list(range(n))  # request index of each batch row
+        batch_rows = torch.arange(n, device=device)
+        last_step = params.max_new_tokens - 1
+        for step in range(params.max_new_tokens):
+            tokens = sample_tokens(logits, params, seen, generator)
+            if seen is not None:
+                seen[batch_rows, tokens] = True
+            deltas, keep = [], []
+            for b, (i, token) in enumerate(zip(live, tokens.tolist())):  # the step's one host sync
+                text, reason = "", None
+                if token in stop_ids:
+                    reason = "stop"
+                    if texts is not None:
+                        text = texts[i].finish()
+                else:
+                    if texts is not None:
+                        text, hit = texts[i].push(token)
+                        reason = "stop" if hit else None
+                    if reason is None and step == last_step:
+                        reason = "length"
+                        if texts is not None:
+                            text += texts[i].finish()
+                if reason is None:
+                    keep.append(b)
+                deltas.append(StreamDelta(i, [token], text, reason))
+            yield deltas
+            if not keep:
+                return
+            if len(keep) < len(live):  # finished rows leave the batch and the cache
+                index = torch.tensor(keep, device=device)
+                cache.select(index)
+                tokens, next_pos = tokens[index], next_pos[index]
+                if seen is not None:
+                    seen = seen[index]
+                live = [live[b] for b in keep]
+                batch_rows = torch.arange(len(live), device=device)
+            logits = self.model(tokens[:, None], position_ids=next_pos, cache=cache).logits[:, -1]
+            next_pos = next_pos + 1
 
 
-# --- CLI ------------------------------------------------------------------------------------------
+# --- CLI ----------------------------------------------------------------------------------------
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("generate", help="Generate text from a checkpoint.",
-                                   description="Sample continuations of one or more prompts.")
+    parser = subparsers.add_parser(
+        "generate", help="Generate text from a checkpoint.",
+        description="Continue one or more prompts with a checkpoint's model; one prompt is streamed.")
     parser.add_argument("checkpoint", help="Checkpoint directory (smolforge or Hugging Face).")
     parser.add_argument("--prompt", action="append", required=True, help="Prompt text; repeat for a batch.")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="Tokens to generate per prompt.")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="Most tokens to generate per prompt.")
     parser.add_argument("--temperature", type=float, default=0.8, help="Sampling temperature; 0 = greedy.")
-    parser.add_argument("--top-k", type=int, default=0, help="Keep the k most likely tokens; 0 = off.")
-    parser.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass; 1 = off.")
+    parser.add_argument("--top-k", type=int, default=0, help="Sample among the k most likely tokens; 0 = off.")
+    parser.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling probability mass; 1 = off.")
     parser.add_argument("--min-p", type=float, default=0.0, help="Drop tokens below min-p x the top probability.")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL repetition penalty; 1 = off.")
-    parser.add_argument("--stop", action="append", default=[], help="Stop string; repeat for several.")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="CTRL penalty on tokens already seen; 1 = off.")
+    parser.add_argument("--stop", nargs="+", action="extend", default=[], metavar="STR",
+                        help="Stop string(s); the output is cut before the first one found.")
     parser.add_argument("--seed", type=int, default=None, help="Seed for reproducible sampling.")
     parser.add_argument("--no-stream", action="store_true", help="Print whole completions at the end.")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N.")
-    parser.set_defaults(func=_run_generate)
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default cuda when available.")
+    parser.set_defaults(func=_generate_command)
 
 
-def _run_generate(args: argparse.Namespace) -> int:
+def _generate_command(args: argparse.Namespace) -> int:
     from smolforge.train.checkpoint import load_model
 
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                            stop=args.stop, seed=args.seed)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        stop=args.stop, seed=args.seed)
     try:
         params.validate()
-    except ValueError as exc:
-        raise SmolforgeError(f"--{str(exc).split()[0].replace('_', '-')}: {exc}") from None
-    model, tokenizer = load_model(args.checkpoint, device=args.device)
+    except InvalidSamplingParam as exc:
+        raise SmolforgeError(f"--{exc.field.replace('_', '-')}: {exc}") from None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(args.checkpoint, device=device)
     engine = Engine(model, tokenizer)
     prompts = [tokenizer.encode(p) for p in args.prompt]
     try:
         if len(prompts) == 1 and not args.no_stream:
             sys.stdout.write(args.prompt[0])
             for deltas in engine.stream(prompts, params):
-                for d in deltas:
-                    sys.stdout.write(d.text)
+                sys.stdout.write("".join(d.text for d in deltas))
                 sys.stdout.flush()
             sys.stdout.write("\n")
             return 0
         for prompt, completion in zip(args.prompt, engine.generate(prompts, params)):
-            print(f"--- {completion.finish_reason}, {len(completion.tokens)} tokens\n{prompt}{completion.text}")
-    except ValueError as exc:
-        raise SmolforgeError(str(exc)) from None
+            print(f"--- prompt {prompt!r} ({completion.finish_reason}, {len(completion.tokens)} tokens)")
+            print(prompt + completion.text)
+    except ValueError as exc:  # e.g. prompt + --max-new-tokens beyond the context length
+        raise SmolforgeError(f"{args.checkpoint}: {exc}") from None
     return 0
