@@ -414,8 +414,9 @@ def _generate_command(args: argparse.Namespace) -> int:
     prompts = [tokenizer.encode(p) for p in args.prompt]
     try:
         if len(prompts) == 1 and not args.no_stream:
+            steps = engine.stream(prompts, params)  # checks the request before printing anything
             sys.stdout.write(args.prompt[0])
-            for deltas in engine.stream(prompts, params):
+            for deltas in steps:
                 sys.stdout.write("".join(d.text for d in deltas))
                 sys.stdout.flush()
             sys.stdout.write("\n")
@@ -424,5 +425,5 @@ def _generate_command(args: argparse.Namespace) -> int:
             print(f"--- prompt {prompt!r} ({completion.finish_reason}, {len(completion.tokens)} tokens)")
             print(prompt + completion.text)
     except ValueError as exc:  # e.g. prompt + --max-new-tokens beyond the context length
-        raise SmolforgeError(f"{args.checkpoint}: {exc}") from None
+        raise SmolforgeError(f"{args.checkpoint}: {exc} (--prompt / --max-new-tokens)") from None
     return 0
