@@ -338,3 +338,16 @@ def test_cli_maps_bad_values_to_the_flag(capsys):
 
     assert main(["generate", "missing-dir", "--prompt", "hi", "--top-p", "2"]) == 2
     assert "--top-p" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_decoding_equals_eager(model):
+    cuda_model = Transformer(model.config).cuda().eval()
+    cuda_model.load_state_dict(model.state_dict())
+    free = Engine(cuda_model, cuda_graphs=False).generate(PROMPTS, GREEDY)
+    stop = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=[free[1].tokens[2]])
+    for params in (GREEDY, stop):  # the second makes a row finish early: the graph is captured again
+        eager = Engine(cuda_model, cuda_graphs=False).generate(PROMPTS, params)
+        graphed = Engine(cuda_model, cuda_graphs=True).generate(PROMPTS, params)
+        assert [c.tokens for c in graphed] == [c.tokens for c in eager]
+        assert [c.finish_reason for c in graphed] == [c.finish_reason for c in eager]

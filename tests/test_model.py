@@ -126,6 +126,24 @@ def test_kv_cache_decoding_equals_full_forward(changes):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
 
 
+def test_static_slot_decoding_equals_dynamic_decoding():
+    """The CUDA-graph path (device-side slot, full masked buffer) gives the same logits."""
+    torch.manual_seed(0)
+    model = Transformer(tiny()).eval()
+    x = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        dynamic, static = model.new_cache(2, 16), model.new_cache(2, 16)
+        want = [model(x[:, :5], cache=dynamic).logits[:, -1]]
+        model(x[:, :5], cache=static)
+        static.start_static_decoding()
+        got = [want[0]]
+        for t in range(5, 9):
+            want.append(model(x[:, t : t + 1], cache=dynamic).logits[:, -1])
+            got.append(model(x[:, t : t + 1], position_ids=torch.full((2, 1), t), cache=static).logits[:, -1])
+            static.slot += 1
+    torch.testing.assert_close(torch.stack(got), torch.stack(want), atol=1e-5, rtol=1e-4)
+
+
 def test_left_padding_with_key_mask_equals_unpadded():
     torch.manual_seed(0)
     model = Transformer(tiny()).eval()

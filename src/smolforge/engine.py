@@ -228,20 +228,57 @@ class _TextStream:
 # --- the engine ---------------------------------------------------------------------------------
 
 
+class _GraphedDecodeStep:
+    """One decode step of a fixed batch captured as a CUDA graph.
+
+    Small models decode far below the GPU's limits because every step launches hundreds of
+    kernels from Python; replaying a captured graph launches them all at once. The graph bakes
+    in the cache's buffers and batch size, so it is captured again when rows leave the batch.
+    """
+
+    def __init__(self, model: Transformer, cache, rows: int) -> None:
+        device = cache.key_mask.device
+        if cache.slot is None:
+            cache.start_static_decoding()
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        # Warm-up on a side stream, as CUDA graph capture requires. It writes to the next slot,
+        # which the real step overwrites before attending to it.
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                model(self.tokens, position_ids=self.positions, cache=cache)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.tokens, position_ids=self.positions, cache=cache).logits[:, -1]
+        self.cache = cache
+
+    def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        self.tokens.copy_(tokens[:, None])
+        self.positions.copy_(positions)
+        self.graph.replay()
+        self.cache.slot += 1
+        return self.logits.clone()
+
+
 class Engine:
     """Batched generation for one model (and optionally its tokenizer, for text and stops).
 
     The model's train/eval mode is left alone (RL shares the model with the trainer; the model
-    has no dropout). With `device`, the model is moved there.
+    has no dropout). With `device`, the model is moved there. On CUDA, decode steps replay a
+    captured CUDA graph unless `cuda_graphs=False`.
     """
 
     def __init__(self, model: Transformer, tokenizer: TokenizerLike | None = None,
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, cuda_graphs: bool | None = None) -> None:
         if device is not None:
             model.to(device)
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
 
     def stream(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[StreamDelta]]:
         """After each decode step, yield one delta per prompt still running at that step.
@@ -336,6 +373,7 @@ class Engine:
         live = list(range(n))  # request index of each batch row
         batch_rows = torch.arange(n, device=device)
         last_step = params.max_new_tokens - 1
+        graphed = None  # the captured decode step of the current batch, when using CUDA graphs
         for step in range(params.max_new_tokens):
             tokens = sample_tokens(logits, params, seen, generator)
             if seen is not None:
@@ -369,7 +407,13 @@ class Engine:
                     seen = seen[index]
                 live = [live[b] for b in keep]
                 batch_rows = torch.arange(len(live), device=device)
-            logits = self.model(tokens[:, None], position_ids=next_pos, cache=cache).logits[:, -1]
+                graphed = None
+            if self.cuda_graphs:
+                if graphed is None:
+                    graphed = _GraphedDecodeStep(self.model, cache, len(live))
+                logits = graphed(tokens, next_pos)
+            else:
+                logits = self.model(tokens[:, None], position_ids=next_pos, cache=cache).logits[:, -1]
             next_pos = next_pos + 1
 
 

@@ -199,9 +199,20 @@ class KVCache:
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0
         self.max_len = max_len
+        # Static-shape decoding (for CUDA graphs): the slot of the next token as a device
+        # tensor instead of the Python int `length`, so one captured step serves every position.
+        self.slot: Tensor | None = None
+
+    def start_static_decoding(self) -> None:
+        """Switch to one-token steps at `slot`, attending over the whole (masked) buffer."""
+        self.slot = torch.tensor([self.length], device=self.key_mask.device)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write new keys/values at the current slots; return everything cached so far."""
+        if self.slot is not None:
+            self.keys[layer].index_copy_(2, self.slot, k)
+            self.values[layer].index_copy_(2, self.slot, v)
+            return self.keys[layer], self.values[layer]
         start, end = self.length, self.length + k.shape[2]
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
@@ -380,18 +391,25 @@ class Transformer(nn.Module):
         key_mask: (B, past+T) False at padding slots; with a cache, defaults to its own mask.
         """
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        if cache is not None:
-            if past + T > cache.max_len:
-                raise ValueError(f"KV cache full: {past} + {T} > {cache.max_len}")
-            if key_mask is not None:
-                cache.key_mask[:, : past + T] = key_mask
-            else:
-                cache.key_mask[:, past : past + T] = True
-            key_mask = cache.key_mask[:, : past + T]
-        mask = build_attention_mask(T, document_ids, key_mask, past)
+        if cache is not None and cache.slot is not None:
+            if position_ids is None or T != 1:
+                raise ValueError("static decoding takes one token per row and explicit position_ids")
+            # Slots not written yet are False in the key mask, so it alone enforces causality.
+            cache.key_mask.index_fill_(1, cache.slot, True)
+            mask = cache.key_mask[:, None, None, :]
+        else:
+            past = cache.length if cache is not None else 0
+            if position_ids is None:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+            if cache is not None:
+                if past + T > cache.max_len:
+                    raise ValueError(f"KV cache full: {past} + {T} > {cache.max_len}")
+                if key_mask is not None:
+                    cache.key_mask[:, : past + T] = key_mask
+                else:
+                    cache.key_mask[:, past : past + T] = True
+                key_mask = cache.key_mask[:, : past + T]
+            mask = build_attention_mask(T, document_ids, key_mask, past)
         cos, sin = rope_cos_sin(position_ids, self.config.resolved_head_dim, self.config.rope_theta)
         x = self.model.embed_tokens(input_ids)
         aux_total = None
@@ -399,7 +417,7 @@ class Transformer(nn.Module):
             x, aux = block(x, cos, sin, mask, cache)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
-        if cache is not None:
+        if cache is not None and cache.slot is None:
             cache.length += T
         logits = self.lm_head(self.model.norm(x))
         if aux_total is not None:
