@@ -71,7 +71,8 @@ def test_pretraining_learns_and_checkpoint_reloads(prepared, tmp_path):
     _, val = build_data(recipe_for(prepared, tmp_path))
     again = evaluate_loss_and_bpb(model, val.iter_eval(4), token_byte_lengths(tokenizer), torch.device("cpu"))
     assert again["val_loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-5)
-    assert ckpt.read_meta(result.final_checkpoint)["stage"] == "pretrain"
+    meta = ckpt.read_meta(result.final_checkpoint)
+    assert meta["stage"] == "pretrain" and len(meta["data_manifest_hash"]) == 64 and meta["step"] == 30
 
 
 def test_resume_after_a_crash_equals_the_uninterrupted_run(prepared, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ states), `metrics.jsonl`, and a progress bar with loss, lr, tokens/s and ETA.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -201,7 +202,9 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
     peak = peak_flops(device)
     tokens_per_step = train_data.tokens_per_batch * tcfg.grad_accum
     counts = count_parameters(model_cfg)
+    manifests = [{"weight": s.weight, **s.shards.manifest} for s in train_data.sources]
     meta = {"stage": stage, "parent": recipe.run.init_from or None, "recipe_hash": recipe.fingerprint(),
+            "data_manifest_hash": hashlib.sha256(json.dumps(manifests, sort_keys=True).encode()).hexdigest(),
             "smolforge_version": __version__}
     print(f"{stage}: {format_count(counts['total'])} parameters, {tokens_per_step:,} tokens/step, "
           f"{tcfg.max_steps} steps on {device}{' (bf16 autocast)' if use_bf16 else ''} -> {run_dir}"
@@ -229,7 +232,7 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
     window_loss = torch.zeros((), device=device)
     window_steps, window_start, window_tokens = 0, time.time(), 0
     last_metrics: dict[str, float] = {}
-    final_path: Path | None = None
+    finished = False
     with progress:
         while step < tcfg.max_steps:
             lr = tcfg.lr * lr_multiplier(step, tcfg.max_steps, tcfg.warmup_steps, tcfg.schedule,
@@ -279,12 +282,14 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
                     metrics_log.write({"step": step, **last_metrics})
                     progress.note(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_metrics.items()))
             if last_step or out_of_time:
-                final_path = save(final=True, metrics=last_metrics)
+                save(final=True, metrics=last_metrics)
+                finished = True
                 break
             if tcfg.save_every and step % tcfg.save_every == 0:
                 save(final=False, metrics=last_metrics)
-    if final_path is None:  # resumed a run that had already finished
-        final_path = save(final=True, metrics=evaluate())
+    if not finished:  # resumed a run that had already reached max_steps
+        last_metrics = evaluate()
+        save(final=True, metrics=last_metrics)
     metrics_log.close()
     return RunResult(run_dir=run_dir, final_checkpoint=run_dir / "final", steps=step,
                      metrics=last_metrics, wall_seconds=time.time() - started)
