@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                       "data.train": [{"path": str(data_dir / "train"), "name": "tinyshakespeare"}],
                       "data.val": [{"path": str(data_dir / "val"), "name": "tinyshakespeare-val"}]})
 
-    print("[3/4] pretrain: smol-3m (about 5 minutes on 2 CPU cores)")
+    print("[3/4] pretrain: smol-3m" + ("" if args.max_steps else " (about 5 minutes on 2 CPU cores)"))
     recipe = load_recipe(bundled_recipe(), overrides)
     result = train(recipe)
 
