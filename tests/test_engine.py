@@ -351,3 +351,48 @@ def test_cuda_graph_decoding_equals_eager(model):
         graphed = Engine(cuda_model, cuda_graphs=True).generate(PROMPTS, params)
         assert [c.tokens for c in graphed] == [c.tokens for c in eager]
         assert [c.finish_reason for c in graphed] == [c.finish_reason for c in eager]
+
+
+# --- beam search -----------------------------------------------------------------------------------
+
+
+def sequence_logprob(model: Transformer, prompt: list[int], continuation: list[int]) -> float:
+    ids = torch.tensor([prompt + continuation])
+    with torch.no_grad():
+        logprobs = model(ids).logits[0, :-1].log_softmax(-1)
+    targets = ids[0, 1:]
+    return logprobs[torch.arange(len(targets)), targets][len(prompt) - 1 :].sum().item()
+
+
+def test_one_beam_is_greedy(model):
+    out = Engine(model).beam_search(PROMPTS[0], num_beams=1, max_new_tokens=12, ignore_eos=True)
+    assert out[0].tokens == naive_greedy(model, PROMPTS[0], 12)
+
+
+def test_wide_beam_search_finds_the_exact_best_sequence():
+    torch.manual_seed(1)
+    tiny = Transformer(debug().model_copy(update={"vocab_size": 6, "init_std": 0.5})).eval()
+    prompt = [1, 2]
+    ids = torch.cartesian_prod(*[torch.arange(6)] * 3)  # all 216 continuations of 3 tokens
+    with torch.no_grad():
+        full = torch.cat([torch.tensor(prompt).expand(len(ids), 2), ids], dim=1)
+        logprobs = tiny(full).logits[:, 1:-1].log_softmax(-1)
+        totals = logprobs.gather(-1, full[:, 2:, None]).squeeze(-1).sum(-1)
+    best = ids[totals.argmax()].tolist()
+    out = Engine(tiny).beam_search(prompt, num_beams=36, max_new_tokens=3, length_penalty=0.0, ignore_eos=True)
+    assert out[0].tokens == best
+    scores = [sequence_logprob(tiny, prompt, c.tokens) for c in out]
+    assert scores == sorted(scores, reverse=True) and len(out) == 36
+    greedy = Engine(tiny).generate([prompt], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))[0]
+    assert scores[0] >= sequence_logprob(tiny, prompt, greedy.tokens) - 1e-6
+
+
+def test_beam_search_stops_at_stop_tokens(model):
+    # Without length normalisation a sum of log-probs only falls as a hypothesis grows, so the
+    # most likely first token, made a stop token, must end the best hypothesis at once.
+    first = Engine(model).generate([PROMPTS[2]], SamplingParams(max_new_tokens=1, temperature=0))[0].tokens[0]
+    out = Engine(model).beam_search(PROMPTS[2], num_beams=3, max_new_tokens=10, length_penalty=0.0,
+                                    stop_token_ids=[first])
+    assert out[0].tokens == [first] and out[0].finish_reason == "stop"
+    with pytest.raises(ValueError, match="num_beams"):
+        Engine(model).beam_search(PROMPTS[0], num_beams=0, max_new_tokens=4)

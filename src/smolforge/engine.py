@@ -310,6 +310,72 @@ class Engine:
             raise ValueError("generate_text needs a tokenizer with an encode() method")
         return self.generate([encode(p) for p in prompts], params)
 
+    @torch.inference_mode()
+    def beam_search(self, prompt: list[int], num_beams: int, max_new_tokens: int,
+                    length_penalty: float = 1.0, stop_token_ids: Sequence[int] = (),
+                    ignore_eos: bool = False) -> list[Completion]:
+        """The `num_beams` best continuations of one prompt, best first.
+
+        Hypotheses are ranked by summed log-probability / length ** length_penalty (Wu et al.
+        2016's normalisation in its simple form, as in `transformers`). The cache holds one row
+        per beam and is re-indexed every step as beams fork or die.
+        """
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0,
+                                stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos)
+        self._check([prompt], params)
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        stop_ids, device = self._stop_ids(params), self.device
+        cache = self.model.new_cache(1, len(prompt) + max_new_tokens)
+        ids = torch.tensor([prompt], device=device)
+        logits = self.model(ids, cache=cache).logits[:, -1]
+        cache.select(torch.zeros(num_beams, dtype=torch.long, device=device))
+        # Only the first beam is live at the start, so the first step does not pick duplicates.
+        scores = torch.full((num_beams,), float("-inf"), device=device)
+        scores[0] = 0.0
+        logits = logits.expand(num_beams, -1)
+        beams: list[list[int]] = [[] for _ in range(num_beams)]
+        finished: list[tuple[float, list[int], str]] = []
+
+        def rank(score: float, length: int) -> float:
+            return score / max(length, 1) ** length_penalty
+
+        for step in range(max_new_tokens):
+            total = scores[:, None] + logits.float().log_softmax(-1)
+            top_scores, top_index = total.flatten().topk(2 * num_beams)
+            vocab = total.shape[-1]
+            rows, next_beams, next_scores = [], [], []
+            for score, index in zip(top_scores.tolist(), top_index.tolist()):
+                row, token = divmod(index, vocab)
+                if score == float("-inf") or len(rows) == num_beams:
+                    break
+                if token in stop_ids:
+                    finished.append((rank(score, step + 1), beams[row] + [token], "stop"))
+                else:
+                    rows.append(row)
+                    next_beams.append(beams[row] + [token])
+                    next_scores.append(score)
+            # Stop once num_beams hypotheses ended and no running one ranks above the worst of
+            # them (exact for length_penalty <= 1, where growing longer only lowers a rank).
+            kept = sorted((f[0] for f in finished), reverse=True)[:num_beams]
+            best_live = max((rank(x, step + 1) for x in next_scores), default=float("-inf"))
+            if not rows or (len(kept) == num_beams and best_live <= kept[-1]):
+                break
+            pad = num_beams - len(rows)  # fewer live beams than slots: fill with dead copies
+            cache.select(torch.tensor(rows + rows[:1] * pad, device=device))
+            beams = next_beams + [list(next_beams[0]) for _ in range(pad)]
+            scores = torch.tensor(next_scores + [float("-inf")] * pad, device=device)
+            if step == max_new_tokens - 1:
+                finished += [(rank(x, len(b)), b, "length") for x, b in zip(next_scores, next_beams)]
+                break
+            tokens = torch.tensor([b[-1] for b in beams], device=device)
+            positions = torch.full((num_beams, 1), len(prompt) + step, device=device)
+            logits = self.model(tokens[:, None], position_ids=positions, cache=cache).logits[:, -1]
+        finished.sort(key=lambda f: f[0], reverse=True)
+        decode = self.tokenizer.decode if self.tokenizer is not None else None
+        return [Completion(list(prompt), ids, decode([t for t in ids if t not in stop_ids]) if decode else None,
+                           reason) for _, ids, reason in finished[:num_beams]]
+
     # -- internals ------------------------------------------------------------------------------
 
     def _check(self, prompts: list[list[int]], params: SamplingParams) -> None:
@@ -436,6 +502,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--stop", nargs="+", action="extend", default=[], metavar="STR",
                         help="Stop string(s); the output is cut before the first one found.")
     parser.add_argument("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+    parser.add_argument("--num-beams", type=int, default=1,
+                        help="Beam search with this many beams (deterministic; sampling flags ignored).")
+    parser.add_argument("--length-penalty", type=float, default=1.0,
+                        help="Beam ranking: log-prob / length ** this; 0 = raw log-prob.")
     parser.add_argument("--no-stream", action="store_true", help="Print whole completions at the end.")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default cuda when available.")
     parser.set_defaults(func=_generate_command)
@@ -457,6 +527,12 @@ def _generate_command(args: argparse.Namespace) -> int:
     engine = Engine(model, tokenizer)
     prompts = [tokenizer.encode(p) for p in args.prompt]
     try:
+        if args.num_beams > 1:
+            for prompt, ids in zip(args.prompt, prompts):
+                best = engine.beam_search(ids, args.num_beams, args.max_new_tokens, args.length_penalty)[0]
+                print(f"--- prompt {prompt!r} (beam search, {best.finish_reason}, {len(best.tokens)} tokens)")
+                print(prompt + best.text)
+            return 0
         if len(prompts) == 1 and not args.no_stream:
             steps = engine.stream(prompts, params)  # checks the request before printing anything
             sys.stdout.write(args.prompt[0])
