@@ -10,6 +10,7 @@ evaluation) are added to this same command.
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from importlib import resources
 from pathlib import Path
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from smolforge.lab.report import write_run_report
     from smolforge.tokenizer import train_tokenizer
     from smolforge.train.checkpoint import load_model
-    from smolforge.train.loop import remove_run, train
+    from smolforge.train.loop import train
 
     started = time.time()
     run_dir = Path(args.dir) / args.name
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.overwrite:
             raise SmolforgeError(f"{run_dir} already exists: pass --overwrite to replace it, "
                                  f"or --name to write a new run beside it")
-        remove_run(run_dir)
+        shutil.rmtree(run_dir)
     overrides = {"run.dir": args.dir, "run.name": args.name, "train.device": args.device}
     if args.max_steps is not None:
         overrides["train.max_steps"] = args.max_steps

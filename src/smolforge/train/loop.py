@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -293,9 +292,3 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
     metrics_log.close()
     return RunResult(run_dir=run_dir, final_checkpoint=run_dir / "final", steps=step,
                      metrics=last_metrics, wall_seconds=time.time() - started)
-
-
-def remove_run(run_dir: Path) -> None:
-    """Delete a run directory (used by `quickstart --overwrite`)."""
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
