@@ -137,3 +137,28 @@ def test_a_stage_can_start_from_a_checkpoint(prepared, tmp_path):
     second_loss = [r for r in read_metrics(second.run_dir) if "loss" in r][0]["loss"]
     assert second_loss < first_loss + 0.5  # continues from trained weights, not from scratch
     shutil.rmtree(tmp_path / "first")
+
+
+def test_metrics_go_to_tensorboard_when_asked(prepared, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = recipe_for(prepared, tmp_path, max_steps=6, eval_every=3)
+    recipe.train.report_to = ["tensorboard"]
+    result = train(recipe)
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 7))
+    assert [e.step for e in events.Scalars("val_bpb")] == [3, 6]
+    logged = [r["loss"] for r in read_metrics(result.run_dir) if "loss" in r]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(logged)
+
+
+def test_a_tracker_that_is_not_installed_fails_before_any_work(prepared, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    recipe = recipe_for(prepared, tmp_path)
+    recipe.train.report_to = ["wandb"]
+    with pytest.raises(SmolforgeError, match="pip install wandb"):
+        train(recipe)
+    assert not (tmp_path / "tiny" / "metrics.jsonl").exists()

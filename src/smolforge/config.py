@@ -81,6 +81,8 @@ class TrainConfig(Section):
     save_every: int = Field(500, ge=0, description="Steps between checkpoints; 0 = only the final one.")
     keep_last: int = Field(3, gt=0, description="Periodic checkpoints kept on disk.")
     time_limit_minutes: float = Field(0.0, ge=0, description="Stop cleanly (eval + save) after this wall time; 0 = none.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Also log metrics to these trackers: tensorboard, wandb.")
 
     @model_validator(mode="after")
     def _check_warmup(self) -> TrainConfig:

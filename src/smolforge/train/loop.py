@@ -41,6 +41,7 @@ from smolforge.train.objectives import get_objective
 from smolforge.train.optim import build_optimizer
 from smolforge.train.progress import TrainProgress
 from smolforge.train.schedule import lr_multiplier
+from smolforge.train.trackers import Trackers
 
 # Dense bf16 peak FLOP/s per GPU for MFU (vendor datasheets, without sparsity).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12, "L4": 121e12,
@@ -57,10 +58,11 @@ class RunResult:
 
 
 class MetricsLog:
-    """Append-only `metrics.jsonl`, flushed per record so a crash loses nothing logged."""
+    """Append-only `metrics.jsonl`, flushed per record so a crash loses nothing logged; each
+    record also goes to the optional trackers."""
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
-        self.path = path
+    def __init__(self, path: Path, resume_step: int | None, trackers: Trackers) -> None:
+        self.path, self.trackers = path, trackers
         if resume_step is not None and path.exists():
             # Records after the checkpoint we resume from will be produced again: drop them.
             kept = [line for line in path.read_text().splitlines()
@@ -73,9 +75,11 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        self.trackers.log(record)
 
     def close(self) -> None:
         self.file.close()
+        self.trackers.close()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -167,6 +171,7 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
         if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").glob("step_*")):
             raise SmolforgeError(f"run directory {run_dir} already holds checkpoints: pass --resume to "
                                  f"continue that run, or choose another --run.name")
+    trackers = Trackers(tcfg.report_to, run_dir, recipe.run.name, recipe.model_dump())
     seed_everything(recipe.run.seed)
     tokenizer = load_tokenizer(recipe)
     train_data, val_data = build_data(recipe)
@@ -194,7 +199,8 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
         step = state["step"]
     run_dir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, run_dir / "recipe.yaml")
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from else None)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from else None,
+                             trackers=trackers)
     forward = torch.compile(model) if tcfg.compile else model
     byte_lengths = token_byte_lengths(tokenizer)
     flops_per_token = training_flops_per_token(model_cfg, recipe.data.seq_len)
