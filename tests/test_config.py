@@ -98,3 +98,10 @@ def test_schedules():
     assert lr_multiplier(70, total, warmup, "constant") == 1.0
     values = [lr_multiplier(s, total, warmup, "cosine") for s in range(warmup, total)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_every_bundled_recipe_is_valid():
+    recipes = sorted(bundled_recipe().parent.glob("*.yaml"))
+    assert len(recipes) >= 2
+    for path in recipes:
+        load_recipe(path)
