@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from smolforge.config import load_recipe
-from smolforge.data.shards import tokenize_corpus
+from smolforge.data.shards import TokenShards, tokenize_corpus
 from smolforge.errors import SmolforgeError
 from smolforge.eval.bpb import token_byte_lengths
 from smolforge.quickstart import bundled_text
@@ -57,6 +57,8 @@ def test_pretraining_learns_and_checkpoint_reloads(prepared, tmp_path):
     records = read_metrics(result.run_dir)
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 30
+    windows = (TokenShards(prepared / "train").tokens - 1) // 64
+    assert records[-2]["epochs/train"] == pytest.approx(30 * 4 / windows)  # per-source epochs logged
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.7
     evals = [r for r in records if "val_bpb" in r]
     assert [r["step"] for r in evals] == [10, 20, 30]

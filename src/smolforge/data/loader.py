@@ -95,15 +95,16 @@ def positions_and_documents(tokens: np.ndarray, eos_id: int) -> tuple[np.ndarray
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device,
-                 document_masking: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(input_ids, forward kwargs) on `device`. The document mask is passed only when a row
-    really holds several documents (checked on the host copy): single-document batches take
-    the plain causal attention path, which is faster."""
-    kwargs = {}
-    if document_masking and bool(batch["document_ids"][:, -1].any()):
-        kwargs = {"position_ids": batch["position_ids"].to(device, non_blocking=True),
-                  "document_ids": batch["document_ids"].to(device, non_blocking=True)}
-    return batch["input_ids"].to(device, non_blocking=True), kwargs
+                 document_masking: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the batch on `device`, the forward's keyword arguments besides input_ids).
+
+    Every tensor crosses to the device once. The document mask is passed only when a row really
+    holds several documents, checked on the host copy so that no device sync is needed:
+    single-document batches take the plain causal attention path, which is faster."""
+    packed = document_masking and bool(batch["document_ids"][:, -1].any())
+    on_device = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    kwargs = {k: on_device[k] for k in ("position_ids", "document_ids")} if packed else {}
+    return on_device, kwargs
 
 
 class PretrainLoader:

@@ -52,10 +52,10 @@ def evaluate_loss_and_bpb(
     nll_sum = tokens = 0.0
     bpb_nll = bpb_bytes = 0.0
     for batch in batches:
-        input_ids, kwargs = model_inputs(batch, device, document_masking)
+        batch, kwargs = model_inputs(batch, device, document_masking)
         with autocast():
-            logits = model(input_ids, **kwargs).logits
-        labels = batch["labels"].to(device)
+            logits = model(batch["input_ids"], **kwargs).logits
+        labels = batch["labels"]
         nll = token_cross_entropy(logits, labels)
         valid = labels != IGNORE_INDEX
         nll_sum += nll[valid].sum().item()

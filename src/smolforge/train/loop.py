@@ -190,7 +190,8 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
     step = 0
     if resume_from is not None:
         state = ckpt.load_trainer_state(resume_from)
-        resumed_model, _ = ckpt.load_model(resume_from, device=device, dtype=torch.float32)
+        # find_resume_checkpoint has just verified every hash: do not read the files twice.
+        resumed_model, _ = ckpt.load_model(resume_from, device=device, dtype=torch.float32, verify=False)
         model.load_state_dict(resumed_model.state_dict())
         del resumed_model
         optimizer.load_state_dict(state["optimizer"])
@@ -245,11 +246,10 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for _ in range(tcfg.grad_accum):
-                batch = train_data.next_batch()
-                input_ids, kwargs = model_inputs(batch, device, recipe.data.document_masking)
+                batch, kwargs = model_inputs(train_data.next_batch(), device, recipe.data.document_masking)
                 with autocast():
-                    output = forward(input_ids, **kwargs)
-                loss, parts = objective(output, {k: v.to(device) for k, v in batch.items()}, tcfg)
+                    output = forward(batch["input_ids"], **kwargs)
+                loss, parts = objective(output, batch, tcfg)
                 # Gradients accumulate in the fp32 .grad of the fp32 master weights.
                 (loss / tcfg.grad_accum).backward()
                 window_loss += loss.detach() / tcfg.grad_accum
@@ -273,6 +273,8 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
                 record = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tok_s,
                           "tokens": step * tokens_per_step, "elapsed_s": time.time() - started}
                 record.update({k: v.item() for k, v in parts.items() if k != "ce"})
+                # Playbook ch. 05: track epochs per source (e.g. stay under ~5 for small sources).
+                record.update({f"epochs/{name}": e for name, e in train_data.epochs_seen().items()})
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm.item()
                 if peak:
