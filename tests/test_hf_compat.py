@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -105,7 +106,8 @@ def test_checkpoint_loads_in_transformers_with_equal_logits(case, tokenizer, tmp
     assert hf_tok.eos_token_id == tokenizer.eos_id
 
 
-def _save_hf(tmp_path, tokenizer, arch: str, **extra):
+def _save_hf(tmp_path, tokenizer, arch: str, dtype=None, max_shard_size=None, **extra):
+    save_options = {"max_shard_size": max_shard_size} if max_shard_size else {}
     config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
     config = config_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -114,18 +116,41 @@ def _save_hf(tmp_path, tokenizer, arch: str, **extra):
     torch.manual_seed(0)
     model = getattr(transformers, arch)(config).eval()
     randomise(model)
-    model.save_pretrained(tmp_path / "hf")
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(tmp_path / "hf", **save_options)
     tokenizer.save(tmp_path / "hf")
     return model
 
 
 HF_CASES = {
     "llama": ("LlamaForCausalLM", {"tie_word_embeddings": False, "rope_theta": 30000.0}),
+    "llama-tied": ("LlamaForCausalLM", {"tie_word_embeddings": True}),
+    "mistral": ("MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2ForCausalLM", {"tie_word_embeddings": False}),
     "qwen3": ("Qwen3ForCausalLM", {"tie_word_embeddings": True}),
     "smollm3": ("SmolLM3ForCausalLM", {"no_rope_layer_interval": 2}),
     "qwen3-moe": ("Qwen3MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2,
                                           "moe_intermediate_size": 32, "norm_topk_prob": True}),
 }
+# What smolforge writes an imported model back as (Mistral without a window is Llama).
+EXPORTED_AS = {"MistralForCausalLM": "LlamaForCausalLM"}
+
+
+def padded_batch(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded random ids, the attention mask and position ids that restart after the padding."""
+    width = max(lengths)
+    ids = torch.randint(10, VOCAB, (len(lengths), width))
+    mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
+    ids[mask == 0] = 3  # <|pad|>
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+def assert_same_logits(ours, theirs, mask, atol=1e-4):
+    """Max abs difference over the real (unpadded) positions, the issue's bound for fp32."""
+    diff = (ours - theirs).abs()[mask.bool()].max().item()
+    assert diff <= atol, f"max abs logits difference {diff:.2e} > {atol}"
 
 
 @pytest.mark.parametrize("case", list(HF_CASES))
@@ -133,16 +158,47 @@ def test_directory_saved_by_transformers_imports_with_equal_logits(case, tokeniz
     arch, extra = HF_CASES[case]
     hf = _save_hf(tmp_path, tokenizer, arch, **extra)
     ours, tok = load_model(tmp_path / "hf")
-    assert adapters.architecture_for(ours.config) == arch
+    assert adapters.architecture_for(ours.config) == EXPORTED_AS.get(arch, arch)
     assert ours.config.tie_embeddings == hf.config.tie_word_embeddings
-    x = torch.randint(0, VOCAB, (2, 16))
+    ids, mask, positions = padded_batch([16, 11, 5])
     with torch.no_grad():
-        torch.testing.assert_close(ours(x).logits, hf(x).logits, atol=1e-5, rtol=1e-4)
+        theirs = hf(ids, attention_mask=mask, position_ids=positions).logits
+        assert_same_logits(ours(ids, position_ids=positions, key_mask=mask.bool()).logits, theirs, mask)
     # and back out: the re-export loads in transformers with the same logits
     save_checkpoint(tmp_path / "again", ours, tok)
     with torch.no_grad():
-        torch.testing.assert_close(hf_model_from(tmp_path / "again")(x).logits, hf(x).logits,
-                                   atol=1e-5, rtol=1e-4)
+        again = hf_model_from(tmp_path / "again")
+        assert_same_logits(again(ids, attention_mask=mask, position_ids=positions).logits, theirs, mask)
+
+
+def test_sharded_bf16_directory_imports(tokenizer, tmp_path):
+    """bf16 storage split over shards by save_pretrained: loads, keeps bf16, and equals transformers."""
+    _save_hf(tmp_path, tokenizer, "Qwen3ForCausalLM", dtype=torch.bfloat16,
+             max_shard_size="60KB", tie_word_embeddings=False)
+    files = sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors"))
+    assert len(files) > 1 and (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    ours, _ = load_model(tmp_path / "hf")
+    assert ours.model.embed_tokens.weight.dtype == torch.bfloat16
+    ours = ours.float()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids, mask, positions = padded_batch([12, 7])
+    with torch.no_grad():
+        assert_same_logits(ours(ids, position_ids=positions, key_mask=mask.bool()).logits,
+                           theirs(ids, attention_mask=mask, position_ids=positions).logits, mask)
+
+
+def test_sharded_export_loads_in_transformers(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(tiny(tie_embeddings=False)).eval()
+    path = save_checkpoint(tmp_path / "ckpt", model, tokenizer, max_shard_bytes=40_000)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (path / "model.safetensors").exists()
+    assert index["metadata"]["total_size"] == sum(p.numel() * 4 for p in model.state_dict().values())
+    x = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model_from(path)(x).logits, model(x).logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(load_model(path)[0](x).logits, model(x).logits, atol=0, rtol=0)
 
 
 def test_fused_expert_tensors_of_transformers_5_import(tokenizer):
@@ -223,3 +279,44 @@ def test_weights_that_do_not_match_the_config_are_named(tokenizer, tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(SmolforgeError, match="unexpected.*q_norm"):
         load_model(path, verify=False)
+
+
+def test_mistral_with_a_sliding_window_is_refused(tokenizer, tmp_path):
+    _save_hf(tmp_path, tokenizer, "MistralForCausalLM", sliding_window=64)
+    with pytest.raises(SmolforgeError, match=r"config.json.*sliding_window.*64 tokens"):
+        load_model(tmp_path / "hf")
+
+
+def test_a_missing_shard_is_named(tokenizer, tmp_path):
+    _save_hf(tmp_path, tokenizer, "LlamaForCausalLM", max_shard_size="60KB")
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    lost = sorted(set(index["weight_map"].values()))[-1]
+    (tmp_path / "hf" / lost).unlink()
+    with pytest.raises(SmolforgeError, match=rf"{lost} is missing: model.safetensors.index.json lists it "
+                                             rf"for model\.layers"):
+        load_model(tmp_path / "hf")
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tokenizer, tmp_path):
+    _save_hf(tmp_path, tokenizer, "LlamaForCausalLM")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["vocab_size"] = 256
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SmolforgeError, match=rf"tokenizer has {tokenizer.vocab_size} tokens but .*config.json sets "
+                                             rf"vocab_size=256"):
+        load_model(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("key, value, tensor", [
+    ("intermediate_size", 128, "model.layers.0.mlp.gate_proj.weight"),
+    ("num_key_value_heads", 4, "model.layers.0.self_attn.k_proj.weight"),
+    ("vocab_size", 512, "model.embed_tokens.weight"),
+])
+def test_a_config_that_contradicts_the_weights_names_the_tensor(key, value, tensor, tokenizer, tmp_path):
+    _save_hf(tmp_path, tokenizer, "LlamaForCausalLM")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config[key] = value
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SmolforgeError, match=rf"model.safetensors: tensor {re.escape(tensor)} has shape "
+                                             rf"\[.*\] but .*config.json implies"):
+        load_model(tmp_path / "hf")

@@ -14,7 +14,8 @@ they differ (fused 3-D expert tensors), and pick the architecture that expresses
 | MoE (with QK-norm, without shared experts)  | Qwen3MoeForCausalLM   | qwen3_moe  |
 
 Anything else is refused at export with a message naming the feature (DESIGN.md principle 2).
-A new architecture (Mistral, Qwen2-MoE, ...) is one more `Adapter` subclass in `ADAPTERS`.
+MistralForCausalLM (without sliding window) is read as well and written back as Llama. A new
+architecture (Qwen2-MoE, ...) is one more `Adapter` subclass in `ADAPTERS`.
 
 transformers >= 5 reads RoPE settings from `rope_parameters` and the weight dtype from `dtype`;
 4.x reads `rope_theta` and `torch_dtype`. Exported configs carry both spellings with equal values.
@@ -38,7 +39,7 @@ def _refuse(feature: str, hint: str = "") -> SmolforgeError:
     return SmolforgeError(
         f"cannot export to Hugging Face format: no supported architecture expresses {feature}. "
         f"{hint + ' ' if hint else ''}Change the model config, or keep this model smolforge-only "
-        f"(supported: {', '.join(ADAPTERS)})."
+        f"(supported: {', '.join(a for a, adapter in ADAPTERS.items() if adapter.exportable)})."
     )
 
 
@@ -47,6 +48,7 @@ class Adapter:
 
     architecture: ClassVar[str]
     model_type: ClassVar[str]
+    exportable: ClassVar[bool] = True  # False: read only, written as another architecture
     # transformers' defaults for keys a config.json may leave out (they differ per architecture).
     defaults: ClassVar[dict[str, Any]] = {
         "tie_word_embeddings": False, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
@@ -148,6 +150,28 @@ class LlamaAdapter(Adapter):
 
     def config_extras(self, cfg: ModelConfig) -> dict[str, Any]:
         return {"mlp_bias": False, "pretraining_tp": 1}
+
+
+class MistralAdapter(Adapter):
+    """Mistral = Llama's layout plus sliding-window attention, which smolforge does not implement.
+
+    Import only: a model with `sliding_window` null (Mistral 7B v0.2 and later) or a window that
+    covers the whole context is a Llama model, and is exported as LlamaForCausalLM.
+    """
+
+    architecture = "MistralForCausalLM"
+    model_type = "mistral"
+    exportable = False
+    defaults = {**Adapter.defaults, "max_position_embeddings": 4096 * 32}
+
+    def read_features(self, d: Mapping[str, Any], origin: str) -> dict[str, Any]:
+        window = d.get("sliding_window")
+        if window is not None and window < d["max_position_embeddings"]:
+            raise SmolforgeError(
+                f"{where(origin, field='sliding_window')}: sliding-window attention ({window} tokens, "
+                f"context {d['max_position_embeddings']}) is not supported; Mistral models load when "
+                f"sliding_window is null, as in Mistral 7B v0.2 and later")
+        return super().read_features(d, origin)
 
 
 class Qwen2Adapter(Adapter):
@@ -280,7 +304,7 @@ def _unfuse_experts(state_dict: Mapping[str, torch.Tensor], expert_size: int) ->
 
 
 ADAPTERS: dict[str, Adapter] = {a.architecture: a for a in (
-    LlamaAdapter(), Qwen2Adapter(), Qwen3Adapter(), SmolLM3Adapter(), Qwen3MoeAdapter())}
+    LlamaAdapter(), MistralAdapter(), Qwen2Adapter(), Qwen3Adapter(), SmolLM3Adapter(), Qwen3MoeAdapter())}
 MODEL_TYPES = {arch: a.model_type for arch, a in ADAPTERS.items()}
 
 

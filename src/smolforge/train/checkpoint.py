@@ -46,7 +46,7 @@ STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 LATEST_FILE = "latest"
-REQUIRED_FILES = ("config.json", WEIGHTS_FILE)
+SHARD_FILE = "model-{index:05d}-of-{count:05d}.safetensors"  # transformers' shard names
 # Sampling defaults of the SmolLM3 release (playbook ch. 07): temperature 0.6, top-p 0.95.
 GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}
 # Keys every smolforge.json has; `meta` passed to save_checkpoint fills them in.
@@ -153,13 +153,39 @@ def _remove_dir(path: Path) -> None:
 # --- one checkpoint directory ---------------------------------------------------------------------
 
 
+def _write_weights(directory: Path, state: dict[str, torch.Tensor], max_shard_bytes: int | None) -> None:
+    """model.safetensors, or shards of at most `max_shard_bytes` plus the index transformers reads.
+
+    Tensors are never split, so a shard holds one tensor larger than the limit if it must.
+    """
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = SHARD_FILE.format(index=i, count=len(shards))
+        save_file(shard, directory / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    _write_json(directory / WEIGHTS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
 def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Tokenizer | None = None, *,
                     meta: dict[str, Any] | None = None, trainer_state: dict[str, Any] | None = None,
-                    dtype: torch.dtype | None = None) -> Path:
+                    dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> Path:
     """Write a complete checkpoint at `directory`; an older one there is replaced only once complete.
 
     `dtype` casts floating-point weights on disk (e.g. torch.bfloat16 for a release); None keeps
-    the model's. Raises SmolforgeError before writing anything when no supported Hugging Face
+    the model's. `max_shard_bytes` splits larger weights into shards with an index. Raises SmolforgeError before writing anything when no supported Hugging Face
     architecture expresses the model, or when `directory` holds something other than a checkpoint.
     """
     directory = Path(directory)
@@ -178,7 +204,7 @@ def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Tokeni
     tmp = directory.parent / f".tmp-{directory.name}-{os.getpid()}"
     tmp.mkdir()
     try:
-        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        _write_weights(tmp, state, max_shard_bytes)
         _write_json(tmp / "config.json", hf.hf_config(cfg, ids, dtype=dtype_name))
         _write_json(tmp / "generation_config.json", {**ids, **GENERATION_DEFAULTS})
         if tokenizer is not None:
@@ -232,9 +258,11 @@ def verify_checkpoint(directory: str | Path) -> None:
     if not meta:
         raise SmolforgeError(f"{directory} has no {META_FILE}: it is not a complete smolforge checkpoint")
     files = meta.get("files")
-    if not isinstance(files, dict) or any(name not in files for name in REQUIRED_FILES):
+    if (not isinstance(files, dict) or "config.json" not in files
+            or not (WEIGHTS_FILE in files or WEIGHTS_INDEX in files)):
         raise SmolforgeError(f"{directory / META_FILE} does not record the checkpoint's files "
-                             f"({', '.join(REQUIRED_FILES)}): the checkpoint is incomplete")
+                             f"(config.json and {WEIGHTS_FILE} or {WEIGHTS_INDEX}): the checkpoint "
+                             f"is incomplete")
     for name, info in files.items():
         file = directory / name
         if not file.is_file():
@@ -273,14 +301,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise SmolforgeError(f"{config_file}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     cfg = _recorded_config(path, hf.model_config_from_hf(config, str(config_file)))
     architecture = (config.get("architectures") or [None])[0]
-    state = hf.from_hf(_read_weights(path, expected), cfg, str(path), architecture=architecture)
+    tokenizer = Tokenizer.load(path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise SmolforgeError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but {config_file} "
+                             f"sets vocab_size={cfg.vocab_size}: ids past {cfg.vocab_size - 1} would have "
+                             f"no embedding (tokenizer and weights from different models?)")
+    tensors, origin = _read_weights(path, expected)
+    state = hf.from_hf(tensors, cfg, str(path), architecture=architecture)
     with torch.device("meta"):
         model = Transformer(cfg)
+    _check_shapes(model, state, origin, config_file)
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-    return model.eval(), Tokenizer.load(path)
+    return model.eval(), tokenizer
 
 
 def _recorded_config(path: Path, from_json: ModelConfig) -> ModelConfig:
@@ -297,21 +332,53 @@ def _recorded_config(path: Path, from_json: ModelConfig) -> ModelConfig:
     return recorded if same else from_json
 
 
-def _read_weights(path: Path, expected: str) -> dict[str, torch.Tensor]:
+def _read_weights(path: Path, expected: str) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """All tensors of a model directory and the file each came from (for error messages)."""
     single, index = path / WEIGHTS_FILE, path / WEIGHTS_INDEX
-    try:
-        if single.is_file():
-            return load_file(single)
-        if index.is_file():
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            tensors: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                tensors.update(load_file(path / shard))
-            return tensors
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
-        raise SmolforgeError(f"{path}: cannot read the weights ({type(exc).__name__}: {exc})") from None
-    hint = " (only safetensors are read; pytorch_model.bin is not)" if (path / "pytorch_model.bin").exists() else ""
-    raise SmolforgeError(f"{path} has no {WEIGHTS_FILE}{hint}: {expected}")
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise SmolforgeError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc}); "
+                                 f"expected a JSON object with a 'weight_map'") from None
+        files = [path / shard for shard in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                tensors = sorted(k for k, v in weight_map.items() if path / v == file)
+                raise SmolforgeError(f"{file} is missing: {index.name} lists it for {_few(tensors)}")
+    else:
+        hint = (" (only safetensors are read; pytorch_model.bin is not: convert it with transformers' "
+                "save_pretrained)") if (path / "pytorch_model.bin").exists() else ""
+        raise SmolforgeError(f"{path} has no {WEIGHTS_FILE}{hint}: {expected}")
+    tensors: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    for file in files:
+        try:
+            part = load_file(file)
+        except (SafetensorError, OSError) as exc:
+            raise SmolforgeError(f"{file}: cannot read the weights ({type(exc).__name__}: {exc})") from None
+        tensors.update(part)
+        origin.update(dict.fromkeys(part, file))
+    return tensors, origin
+
+
+def _check_shapes(model: Transformer, state: dict[str, torch.Tensor], origin: dict[str, Path],
+                  config_file: Path) -> None:
+    """A config.json that contradicts the stored tensors is named with the tensor and its file."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for name, tensor in state.items():
+        want = expected.get(name)
+        if want is not None and tuple(tensor.shape) != want:
+            # `origin` is keyed by the on-disk names, which equal ours except for fused experts.
+            file = origin.get(name, config_file.parent)
+            raise SmolforgeError(f"{file}: tensor {name} has shape {list(tensor.shape)} but {config_file} "
+                                 f"implies {list(want)}: the config does not describe these weights")
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
