@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 
 from smolforge.cli import build_parser, main
 
-COMMANDS = ["quickstart", "tokenizer", "data", "pretrain", "generate"]
+COMMANDS = ["quickstart", "tokenizer", "data", "pretrain", "generate", "export", "inspect", "template"]
 
 
 def test_top_level_help_lists_every_command(capsys):
@@ -25,10 +26,14 @@ def test_top_level_help_lists_every_command(capsys):
 def test_every_command_has_documented_options(command):
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command")
-    sub = subparsers.choices[command]
-    for action in sub._actions:
-        if action.option_strings and action.dest != "help":
-            assert action.help, f"{command} {action.option_strings} has no help"
+    pending = [(command, subparsers.choices[command])]
+    while pending:  # the command and its nested subcommands (`data synth`, `template render`, ...)
+        name, sub = pending.pop()
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings} has no help"
+            if isinstance(action, argparse._SubParsersAction):
+                pending += [(f"{name} {n}", p) for n, p in action.choices.items()]
 
 
 def test_pretrain_help_lists_recipe_fields(capsys):

@@ -320,3 +320,27 @@ def test_a_config_that_contradicts_the_weights_names_the_tensor(key, value, tens
     with pytest.raises(SmolforgeError, match=rf"model.safetensors: tensor {re.escape(tensor)} has shape "
                                              rf"\[.*\] but .*config.json implies"):
         load_model(tmp_path / "hf")
+
+
+def test_hub_ids_resolve_through_the_hugging_face_cache(tokenizer, tmp_path, monkeypatch):
+    """`owner/name` loads like from_pretrained: here from a filled cache with the Hub offline."""
+    from huggingface_hub import constants
+
+    hf = _save_hf(tmp_path, tokenizer, "Qwen3ForCausalLM")
+    repo = tmp_path / "cache" / "models--tiny-org--tiny-qwen3"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots").mkdir()
+    (tmp_path / "hf").rename(repo / "snapshots" / commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    model, tok = load_model("tiny-org/tiny-qwen3")
+    assert tok.vocab_size == tokenizer.vocab_size
+    x = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, hf(x).logits, atol=1e-5, rtol=1e-4)
+    with pytest.raises(SmolforgeError, match="tiny-org/missing: no such directory, and the Hub repository "
+                                             "could not be fetched"):
+        load_model("tiny-org/missing")

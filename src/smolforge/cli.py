@@ -21,6 +21,9 @@ COMMAND_MODULES = [
     "smolforge.data.shards",
     "smolforge.pretrain",
     "smolforge.engine",
+    "smolforge.chat.cli",
+    "smolforge.interop.export",
+    "smolforge.interop.inspect",
 ]
 
 

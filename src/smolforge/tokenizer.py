@@ -107,8 +107,10 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Load a tokenizer directory (smolforge or transformers) or a tokenizer.json file."""
-        path = Path(path).expanduser()
+        """Load a tokenizer directory (smolforge or transformers), a tokenizer.json file or a Hub id."""
+        from smolforge.interop.hub import resolve_model_path
+
+        path = resolve_model_path(path).expanduser()
         if path.is_dir():
             directory, file = path, path / "tokenizer.json"
         elif path.is_file():

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from smolforge.data.sources import ReadStats, expand_paths, iter_documents
+from smolforge.data.synth import add_synth_command
 from smolforge.errors import SmolforgeError
 
 FORMAT_VERSION = 1
@@ -491,3 +492,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser.set_defaults(func=usage)
     add_tokenize_command(data_subparsers)
+    add_synth_command(data_subparsers)

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from smolforge import __version__
 from smolforge.errors import SmolforgeError
 from smolforge.interop import hf
+from smolforge.interop.hub import resolve_model_path
 from smolforge.model import ModelConfig, Transformer
 
 if TYPE_CHECKING:
@@ -181,12 +182,15 @@ def _write_weights(directory: Path, state: dict[str, torch.Tensor], max_shard_by
 
 def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Tokenizer | None = None, *,
                     meta: dict[str, Any] | None = None, trainer_state: dict[str, Any] | None = None,
-                    dtype: torch.dtype | None = None, max_shard_bytes: int | None = None) -> Path:
+                    dtype: torch.dtype | None = None, max_shard_bytes: int | None = None,
+                    generation_config: dict[str, Any] | None = None) -> Path:
     """Write a complete checkpoint at `directory`; an older one there is replaced only once complete.
 
     `dtype` casts floating-point weights on disk (e.g. torch.bfloat16 for a release); None keeps
-    the model's. `max_shard_bytes` splits larger weights into shards with an index. Raises SmolforgeError before writing anything when no supported Hugging Face
-    architecture expresses the model, or when `directory` holds something other than a checkpoint.
+    the model's. `max_shard_bytes` splits larger weights into shards with an index.
+    `generation_config` replaces the default generation_config.json (e.g. an imported model's).
+    Raises SmolforgeError before writing anything when no supported Hugging Face architecture
+    expresses the model, or when `directory` holds something other than a checkpoint.
     """
     directory = Path(directory)
     cfg = model.config
@@ -206,7 +210,7 @@ def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Tokeni
     try:
         _write_weights(tmp, state, max_shard_bytes)
         _write_json(tmp / "config.json", hf.hf_config(cfg, ids, dtype=dtype_name))
-        _write_json(tmp / "generation_config.json", {**ids, **GENERATION_DEFAULTS})
+        _write_json(tmp / "generation_config.json", generation_config or {**ids, **GENERATION_DEFAULTS})
         if tokenizer is not None:
             tokenizer.save(tmp)
         if trainer_state is not None:
@@ -277,7 +281,7 @@ def verify_checkpoint(directory: str | Path) -> None:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                verify: bool = True) -> tuple[Transformer, Tokenizer]:
-    """(model, tokenizer) from a smolforge checkpoint or a Hugging Face model directory.
+    """(model, tokenizer) from a smolforge checkpoint, a Hugging Face model directory or a Hub id.
 
     Plain HF directories of a supported architecture load too (single `model.safetensors` or a
     sharded `model.safetensors.index.json`). `dtype` None keeps the stored dtype. smolforge
@@ -285,7 +289,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     """
     from smolforge.tokenizer import Tokenizer
 
-    path = Path(path)
+    path = resolve_model_path(path)
     expected = (f"expected a smolforge checkpoint or a Hugging Face model directory holding config.json, "
                 f"{WEIGHTS_FILE} (or {WEIGHTS_INDEX} with its shards) and tokenizer.json")
     if not path.is_dir():
