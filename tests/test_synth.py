@@ -74,9 +74,11 @@ def test_generate_is_deterministic_and_seed_dependent():
 
 
 def test_all_mixes_every_task_evenly_and_prompts_are_unique():
-    samples = generate("all", 7 * 40, seed=0)
+    samples = generate("all", len(TASKS) * 40, seed=0)
     counts = {t: sum(s["task"] == t for s in samples) for t in TASKS}
     assert counts == {t: 40 for t in TASKS}
+    chosen = generate("addition,count", 30, seed=0)
+    assert {t: sum(s["task"] == t for s in chosen) for t in ("addition", "count")} == {"addition": 15, "count": 15}
     prompts = [json.dumps([s["messages"][:-1], s["chat_template_kwargs"]]) for s in samples]
     assert len(set(prompts)) == len(prompts)
 
@@ -204,14 +206,14 @@ def test_check_response_edge_cases():
 
 def test_cli_writes_jsonl_round_trip(tmp_path, capsys):
     out = tmp_path / "sub" / "synth.jsonl"
-    args = ["data", "synth", "--task", "all", "--n", "35", "--seed", "9", "--think-fraction", "0.3",
+    args = ["data", "synth", "--task", "all", "--n", "40", "--seed", "9", "--think-fraction", "0.3",
             "--out", str(out)]
     assert main(args) == 0
     lines = out.read_text(encoding="utf-8").splitlines()
-    assert [json.loads(line) for line in lines] == generate("all", 35, seed=9, think_fraction=0.3)
+    assert [json.loads(line) for line in lines] == generate("all", 40, seed=9, think_fraction=0.3)
     assert sorted(p.name for p in out.parent.iterdir()) == ["synth.jsonl"]  # no temp file left
     printed = capsys.readouterr().out
-    assert "wrote 35 samples" in printed
+    assert "wrote 40 samples" in printed
     assert all(f"  {t}: 5" in printed for t in TASKS)
     assert main(args) == 2  # refuses to replace without --overwrite
     assert "--overwrite" in capsys.readouterr().err
@@ -220,7 +222,7 @@ def test_cli_writes_jsonl_round_trip(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("flag", "value", "message"), [
-    ("--task", "poetry", "arithmetic, reverse, sort, count, format, persona, multiturn, all"),
+    ("--task", "poetry", "arithmetic, addition, reverse, sort, count, format, persona, multiturn, all"),
     ("--think-fraction", "1.5", "between 0 and 1"),
     ("--n", "0", "at least 1"),
 ])

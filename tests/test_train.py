@@ -70,7 +70,7 @@ def test_pretraining_learns_and_checkpoint_reloads(prepared, tmp_path):
     from smolforge.eval.bpb import evaluate_loss_and_bpb
     from smolforge.train.loop import build_data
 
-    _, val = build_data(recipe_for(prepared, tmp_path))
+    _, val = build_data(recipe_for(prepared, tmp_path), None)
     again = evaluate_loss_and_bpb(model, val.iter_eval(4), token_byte_lengths(tokenizer), torch.device("cpu"))
     assert again["val_loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-5)
     meta = ckpt.read_meta(result.final_checkpoint)

@@ -19,7 +19,7 @@ COMMAND_MODULES = [
     "smolforge.quickstart",
     "smolforge.tokenizer",
     "smolforge.data.shards",
-    "smolforge.pretrain",
+    "smolforge.stages",
     "smolforge.engine",
     "smolforge.chat.cli",
     "smolforge.interop.export",

@@ -13,7 +13,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -51,11 +51,42 @@ class DataConfig(Section):
     document_masking: bool = Field(True, description="Attend only within each packed document (playbook ch. 04).")
 
 
+class SFTSourceConfig(Section):
+    path: str = Field(description="A .jsonl / .json / .parquet file (or directory or glob of them) of conversations.")
+    format: Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion"] = Field(
+        "auto", description="Record format; auto detects it from the keys of each record.")
+    weight: float | None = Field(None, gt=0, description="Share of training tokens from this source "
+                                 "(tokens, not examples); unset on every source = each example once per epoch.")
+    name: str = Field("", description="Label used in logs and tables; default = the file name.")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Template switches for this source, e.g. {enable_thinking: false}.")
+
+
+class SFTDataConfig(Section):
+    """Conversations, chat template, sequence length and packing for `smolforge sft`."""
+
+    tokenizer: str = Field("", description="Tokenizer directory; empty = the one of run.init_from.")
+    train: list[SFTSourceConfig] = Field(default_factory=list, description="Training sources, mixed by token weight.")
+    val: list[SFTSourceConfig] = Field(default_factory=list, description="Validation sources; empty = hold out val_fraction.")
+    val_fraction: float = Field(0.02, ge=0, lt=1, description="Share of training examples held out for validation when val is empty.")
+    template: str = Field("auto", description="Chat template: auto (the tokenizer's own, else smollm3), chatml, smollm3, tokenizer, or a .jinja path.")
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="Template switches for every source (a source's own win).")
+    seq_len: int = Field(2048, gt=1, description="Maximum tokens per training row (the playbook's max_length).")
+    packing: Literal["none", "bfd", "wrapped"] = Field(
+        "none", description="none = one conversation per row; bfd = best-fit-decreasing bin packing of whole "
+                            "conversations; wrapped = concatenate and cut (splits conversations).")
+    truncation: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="Conversations longer than seq_len: cut at seq_len, drop them, or stop with an error.")
+    document_masking: bool = Field(True, description="Attend only within each packed conversation.")
+    skip_invalid: bool = Field(False, description="Skip (and count) malformed records instead of stopping.")
+
+
 class TrainConfig(Section):
     """Optimisation, schedule, logging and checkpointing."""
 
     objective: str = Field("lm", description="Loss function from the objective registry.")
-    max_steps: int = Field(1000, gt=0, description="Optimizer steps to run.")
+    max_steps: int = Field(1000, gt=0, description="Optimizer steps to run (ignored when epochs is set).")
+    epochs: float = Field(0.0, ge=0, description="Passes over the training data; sets max_steps from the data size. 0 = use max_steps.")
     batch_size: int = Field(16, gt=0, description="Sequences per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
     lr: float = Field(5e-4, gt=0, description="Peak learning rate.")
@@ -113,7 +144,8 @@ class PretrainRecipe(Section):
 
     @model_validator(mode="after")
     def _check_lengths(self) -> PretrainRecipe:
-        if self.data.seq_len > self.model.max_seq_len:
+        # With run.init_from the model comes from the checkpoint; the loop checks its context.
+        if not self.run.init_from and self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len "
                 f"({self.model.max_seq_len}): shorten the sequences or raise the context length")
@@ -122,6 +154,30 @@ class PretrainRecipe(Section):
     def fingerprint(self) -> str:
         """sha256 of the resolved recipe, recorded in every checkpoint's smolforge.json."""
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
+
+
+class SFTRecipe(PretrainRecipe):
+    """A full recipe for `smolforge sft`: the pretraining sections with SFT data and defaults."""
+
+    # Playbook ch. 07 for fine-tuning a pretrained base: lr 1e-5, effective batch 128, 1 epoch,
+    # warmup then linear decay to zero. Applied to the keys a recipe leaves unset.
+    DEFAULT_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {"train": {
+        "objective": "sft", "epochs": 1.0, "batch_size": 8, "grad_accum": 16, "lr": 1e-5,
+        "schedule": "linear", "warmup_steps": 0, "weight_decay": 0.0, "eval_every": 100}}
+
+    data: SFTDataConfig = Field(default_factory=SFTDataConfig)  # type: ignore[assignment]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_defaults(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        merged = dict(values)
+        for section, defaults in cls.DEFAULT_OVERRIDES.items():
+            given = values.get(section) or {}
+            if isinstance(given, dict):
+                merged[section] = {**defaults, **given}
+        return merged
 
 
 # --- loading, overriding, saving ----------------------------------------------------------------
@@ -209,8 +265,10 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, schema: type[BaseModel
         if section_name == "model":
             group.add_argument("--model.preset", dest="override:model.preset", default=argparse.SUPPRESS,
                                metavar="NAME", help=f"Start from a preset: {', '.join(PRESETS)}.")
+        stage_defaults = getattr(schema, "DEFAULT_OVERRIDES", {}).get(section_name, {})
         for name, field in section_type.model_fields.items():
-            default = "" if field.is_required() else f" [default: {field.get_default(call_default_factory=True)}]"
+            value = stage_defaults.get(name, field.get_default(call_default_factory=True))
+            default = "" if field.is_required() else f" [default: {value}]"
             group.add_argument(f"--{section_name}.{name}", dest=f"override:{section_name}.{name}",
                                default=argparse.SUPPRESS, metavar="VALUE",
                                help=f"{field.description or ''}{default}".replace("%", "%%"))

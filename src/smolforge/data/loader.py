@@ -226,6 +226,10 @@ class PretrainLoader:
             raise SmolforgeError(f"the saved data position is inconsistent (sample {sample}, counts {counts})")
         self.sample, self.counts = sample, counts
 
+    def manifest(self) -> list[dict]:
+        """What identifies the data in smolforge.json: each source's weight and shard manifest."""
+        return [{"weight": s.weight, **s.shards.manifest} for s in self.sources]
+
     def epochs_seen(self) -> dict[str, float]:
         """Epochs of each source consumed so far (all ranks), for logging."""
         return {s.name: c / s.windows for s, c in zip(self.sources, self.counts)}

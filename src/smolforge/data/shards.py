@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from smolforge.data.check import add_check_command
 from smolforge.data.sources import ReadStats, expand_paths, iter_documents
 from smolforge.data.synth import add_synth_command
 from smolforge.errors import SmolforgeError
@@ -493,3 +494,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=usage)
     add_tokenize_command(data_subparsers)
     add_synth_command(data_subparsers)
+    add_check_command(data_subparsers)

@@ -168,9 +168,8 @@ def _text_of_record(record: Any, location: str, text_field: str) -> tuple[str | 
     return value, ""
 
 
-def _iter_json_lines(
-    path: Path, text_field: str, stats: ReadStats | None, skip_invalid: bool
-) -> Iterator[str]:
+def _json_lines(path: Path, stats: ReadStats | None, skip_invalid: bool) -> Iterator[tuple[str, Any]]:
+    """(location, decoded value) of every non-blank line of a JSON Lines file."""
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             line = _decode(raw, stats)
@@ -187,16 +186,11 @@ def _iter_json_lines(
                     skip_invalid,
                 )
                 continue
-            text, problem = _text_of_record(record, where(path, number), text_field)
-            if text is None:
-                _invalid(problem, stats, skip_invalid)
-                continue
-            yield _yield(text, stats)
+            yield where(path, number), record
 
 
-def _iter_json_array(
-    path: Path, text_field: str, stats: ReadStats | None, skip_invalid: bool
-) -> Iterator[str]:
+def _json_array(path: Path, stats: ReadStats | None) -> Iterator[tuple[str, Any]]:
+    """(location, item) of every item of a file holding one JSON array."""
     content = _decode(path.read_bytes(), stats).removeprefix("\ufeff")
     try:
         records = json.loads(content)
@@ -210,7 +204,64 @@ def _iter_json_array(
             f"got {type(records).__name__}."
         )
     for index, record in enumerate(records):
-        text, problem = _text_of_record(record, f"{path} item {index}", text_field)
+        yield f"{path} item {index}", record
+
+
+def _is_json_array(path: Path) -> bool:
+    # A `.json` file is either one array or JSON Lines; the first significant byte tells which.
+    with path.open("rb") as handle:
+        head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
+def iter_records(path: str | Path, stats: ReadStats | None = None,
+                 skip_invalid: bool = False) -> Iterator[tuple[str, Any]]:
+    """(location, record) for every record of a .jsonl, .json or .parquet file.
+
+    `location` names the file and line (`data.jsonl:12`), array item or Parquet row, for error
+    messages about the record's fields. Structured data (SFT conversations, preference pairs)
+    is read through this; plain text documents through `iter_documents`.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl" or (suffix == ".json" and not _is_json_array(path)):
+        yield from _json_lines(path, stats, skip_invalid)
+    elif suffix == ".json":
+        yield from _json_array(path, stats)
+    elif suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise SmolforgeError(f"{path}: not a readable Parquet file ({exc}).") from None
+        row = 0
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+            for record in batch.to_pylist():
+                yield f"{path} row {row}", record
+                row += 1
+    else:
+        raise SmolforgeError(f"{path}: unsupported file type '{path.suffix or '(no extension)'}' for "
+                             f"records; use .jsonl, .json or .parquet.")
+
+
+def _iter_json_lines(
+    path: Path, text_field: str, stats: ReadStats | None, skip_invalid: bool
+) -> Iterator[str]:
+    for location, record in _json_lines(path, stats, skip_invalid):
+        text, problem = _text_of_record(record, location, text_field)
+        if text is None:
+            _invalid(problem, stats, skip_invalid)
+            continue
+        yield _yield(text, stats)
+
+
+def _iter_json_array(
+    path: Path, text_field: str, stats: ReadStats | None, skip_invalid: bool
+) -> Iterator[str]:
+    for location, record in _json_array(path, stats):
+        text, problem = _text_of_record(record, location, text_field)
         if text is None:
             _invalid(problem, stats, skip_invalid)
             continue
@@ -220,10 +271,7 @@ def _iter_json_array(
 def _iter_json(
     path: Path, text_field: str, stats: ReadStats | None, skip_invalid: bool
 ) -> Iterator[str]:
-    # A `.json` file is either one array or JSON Lines; the first significant byte tells which.
-    with path.open("rb") as handle:
-        head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if head.startswith(b"["):
+    if _is_json_array(path):
         yield from _iter_json_array(path, text_field, stats, skip_invalid)
     else:
         yield from _iter_json_lines(path, text_field, stats, skip_invalid)

@@ -139,14 +139,17 @@ def _mul_trace(a: int, b: int) -> list[str]:
     return lines
 
 
-def _arithmetic(rng: random.Random) -> _Turn:
-    op = rng.choice("+-*")
+def _arithmetic(rng: random.Random, easy: bool = False) -> _Turn:
+    """+, - and * with column traces; `easy`: + and - of two-digit numbers only (the quickstart's
+    ~3M-parameter model learns these in minutes, the products need a bigger model)."""
+    op = rng.choice("+-" if easy else "+-*")
     if op == "*":  # keep products small: up to 3 digits by 1 digit, or 2 digits by 2 digits
         b = rng.randint(2, 9) if rng.random() < 0.6 else rng.randint(10, 99)
         a = rng.randint(10, 999 if b < 10 else 99)
         result, trace = a * b, _mul_trace(a, b)
     else:
-        a, b = rng.randint(10, 999), rng.randint(10, 999)
+        top = 99 if easy else 999
+        a, b = rng.randint(10, top), rng.randint(10, top)
         if op == "+":
             result, trace = a + b, _add_trace(a, b)
         else:
@@ -157,6 +160,10 @@ def _arithmetic(rng: random.Random) -> _Turn:
                          f"What is {a} {word} {b}?"))
     reasoning = "\n".join([*trace, f"so {a} {op} {b} = {result}"])
     return _Turn(prompt, str(result), reasoning, {"type": "exact", "answer": str(result)})
+
+
+def _addition(rng: random.Random) -> _Turn:
+    return _arithmetic(rng, easy=True)
 
 
 def _reverse(rng: random.Random) -> _Turn:
@@ -247,7 +254,8 @@ def _format(rng: random.Random) -> _Turn:
 
 
 _SIMPLE: dict[str, Callable[[random.Random], _Turn]] = {
-    "arithmetic": _arithmetic, "reverse": _reverse, "sort": _sort, "count": _count, "format": _format,
+    "arithmetic": _arithmetic, "addition": _addition, "reverse": _reverse, "sort": _sort,
+    "count": _count, "format": _format,
 }
 TASKS: tuple[str, ...] = (*_SIMPLE, "persona", "multiturn")
 
@@ -327,19 +335,23 @@ def _sample(task: str, rng: random.Random, think_fraction: float) -> dict:
 
 
 def generate(task: str, n: int, seed: int, think_fraction: float = 0.5) -> list[dict]:
-    """`n` samples of `task` (one of TASKS, or "all" for an equal mix in shuffled order).
+    """`n` samples of `task`: one of TASKS, a comma-separated list of them or "all" (an equal
+    mix, in shuffled order).
 
     Deterministic for a given seed; a prompt (every message but the last, plus the mode) is
     not repeated within a call unless the task has fewer distinct prompts than asked for.
     """
-    if task != "all" and task not in TASKS:
-        raise SmolforgeError(f"unknown synthetic task {task!r}; choose one of: {', '.join(TASKS)}, all")
+    names = list(TASKS) if task == "all" else task.split(",")
+    unknown = [name for name in names if name not in TASKS]
+    if unknown:
+        raise SmolforgeError(f"unknown synthetic task {unknown[0]!r}; choose from: {', '.join(TASKS)}, "
+                             f"all, or a comma-separated list")
     if n < 0:
         raise SmolforgeError(f"number of samples must be >= 0, got {n}")
     if not 0.0 <= think_fraction <= 1.0:
         raise SmolforgeError(f"think fraction must be between 0 and 1, got {think_fraction}")
     rng = random.Random(seed)
-    plan = [TASKS[i % len(TASKS)] for i in range(n)] if task == "all" else [task] * n
+    plan = [names[i % len(names)] for i in range(n)]
     rng.shuffle(plan)
     samples, seen = [], set()
     for name in plan:
@@ -459,7 +471,8 @@ def add_synth_command(data_subparsers: argparse._SubParsersAction) -> None:
         "synth", help="Generate verifiable synthetic chat tasks for SFT (JSONL).",
         description="Generate small chat tasks with think/no_think reasoning and a checker per sample.")
     parser.add_argument("--task", default="all",
-                        help=f"Task: one of {', '.join(TASKS)}, or all (an equal mix). Default: all.")
+                        help=f"Task: one of {', '.join(TASKS)}, a comma-separated list, or all (an equal "
+                             f"mix). Default: all.")
     parser.add_argument("--n", type=int, default=1000, help="Number of samples to write. Default: 1000.")
     parser.add_argument("--seed", type=int, default=0,
                         help="Random seed; the same seed writes the same file. Default: 0.")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from smolforge import __version__
-from smolforge.config import PretrainRecipe, save_recipe
+from smolforge.config import PretrainRecipe, SFTDataConfig, save_recipe
 from smolforge.data.loader import PretrainLoader, SourceSpec, model_inputs
 from smolforge.errors import SmolforgeError
 from smolforge.eval.bpb import evaluate_loss_and_bpb, token_byte_lengths
@@ -37,7 +37,7 @@ from smolforge.model import (
     training_flops_per_token,
 )
 from smolforge.train import checkpoint as ckpt
-from smolforge.train.objectives import get_objective
+from smolforge.train.objectives import IGNORE_INDEX, get_objective
 from smolforge.train.optim import build_optimizer
 from smolforge.train.progress import TrainProgress
 from smolforge.train.schedule import lr_multiplier
@@ -119,8 +119,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_data(recipe: PretrainRecipe):
-    """Training loader and (optional) validation loader from the recipe's sources."""
+def build_data(recipe: PretrainRecipe, tokenizer: Any):
+    """Training loader and (optional) validation loader from the recipe's data section."""
+    if isinstance(recipe.data, SFTDataConfig):
+        from smolforge.data.sft import build_sft_loaders
+
+        return build_sft_loaders(recipe.data, tokenizer, recipe.train.batch_size, recipe.run.seed)
     if not recipe.data.train:
         raise SmolforgeError("data.train is empty: list at least one directory written by `smolforge data tokenize`")
 
@@ -132,6 +136,35 @@ def build_data(recipe: PretrainRecipe):
     val = (PretrainLoader(specs(recipe.data.val), recipe.data.seq_len, recipe.train.batch_size,
                           seed=recipe.run.seed) if recipe.data.val else None)
     return train, val
+
+
+def resolve_max_steps(recipe: PretrainRecipe, train_data: Any) -> PretrainRecipe:
+    """With train.epochs set, max_steps follows from the data: ceil(epochs x rows / rows per step)."""
+    tcfg = recipe.train
+    if not tcfg.epochs:
+        return recipe
+    steps_per_epoch = getattr(train_data, "steps_per_epoch", None)
+    if steps_per_epoch is None:
+        raise SmolforgeError("train.epochs is only available for SFT data; set train.max_steps instead")
+    max_steps = max(1, math.ceil(tcfg.epochs * steps_per_epoch(tcfg.grad_accum)))
+    if tcfg.warmup_steps > max_steps:
+        raise SmolforgeError(f"train.warmup_steps ({tcfg.warmup_steps}) exceeds the {max_steps} steps that "
+                             f"train.epochs={tcfg.epochs} gives on this data: lower the warmup")
+    return recipe.model_copy(update={"train": tcfg.model_copy(update={"max_steps": max_steps})})
+
+
+def step_weights(batches: list[dict[str, torch.Tensor]]) -> list[float]:
+    """How much each micro-batch's mean loss counts in the step: its share of the labelled tokens.
+
+    The loss of a step is then the mean over every labelled token of the accumulated batch, not a
+    mean of per-micro-batch means, which would over-weight tokens of micro-batches with few
+    trained tokens (SFT rows differ widely in how many assistant tokens they hold).
+    """
+    counts = [int((b["labels"] != IGNORE_INDEX).sum()) for b in batches]
+    total = sum(counts)
+    if total == 0:
+        return [1.0 / len(batches)] * len(batches)
+    return [c / total for c in counts]
 
 
 def load_tokenizer(recipe: PretrainRecipe):
@@ -174,7 +207,9 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
     trackers = Trackers(tcfg.report_to, run_dir, recipe.run.name, recipe.model_dump())
     seed_everything(recipe.run.seed)
     tokenizer = load_tokenizer(recipe)
-    train_data, val_data = build_data(recipe)
+    train_data, val_data = build_data(recipe, tokenizer)
+    recipe = resolve_max_steps(recipe, train_data)
+    tcfg = recipe.train
     model, model_cfg = build_model(recipe, tokenizer, device)
     if recipe.data.seq_len > model_cfg.max_seq_len:
         raise SmolforgeError(f"data.seq_len ({recipe.data.seq_len}) exceeds the model's context length "
@@ -187,7 +222,7 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    step = 0
+    step = total_tokens = 0
     if resume_from is not None:
         state = ckpt.load_trainer_state(resume_from)
         # find_resume_checkpoint has just verified every hash: do not read the files twice.
@@ -198,6 +233,7 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
         train_data.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         step = state["step"]
+        total_tokens = state.get("tokens", 0)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, run_dir / "recipe.yaml")
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from else None,
@@ -208,9 +244,9 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
     peak = peak_flops(device)
     tokens_per_step = train_data.tokens_per_batch * tcfg.grad_accum
     counts = count_parameters(model_cfg)
-    manifests = [{"weight": s.weight, **s.shards.manifest} for s in train_data.sources]
+    manifest = json.dumps(train_data.manifest(), sort_keys=True).encode()
     meta = {"stage": stage, "parent": recipe.run.init_from or None, "recipe_hash": recipe.fingerprint(),
-            "data_manifest_hash": hashlib.sha256(json.dumps(manifests, sort_keys=True).encode()).hexdigest(),
+            "data_manifest_hash": hashlib.sha256(manifest).hexdigest(),
             "smolforge_version": __version__}
     print(f"{stage}: {format_count(counts['total'])} parameters, {tokens_per_step:,} tokens/step, "
           f"{tcfg.max_steps} steps on {device}{' (bf16 autocast)' if use_bf16 else ''} -> {run_dir}"
@@ -224,7 +260,7 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
 
     def save(final: bool, metrics: dict[str, float]) -> Path:
         state = {"step": step, "optimizer": optimizer.state_dict(), "loader": train_data.state_dict(),
-                 "rng": rng_state()}
+                 "rng": rng_state(), "tokens": total_tokens}
         info = {**meta, "step": step, "metrics": metrics}
         path = ckpt.save_run_checkpoint(run_dir, step, model, tokenizer, meta=info, trainer_state=state,
                                         keep_last=tcfg.keep_last)
@@ -245,21 +281,26 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
                                          tcfg.decay_fraction, tcfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for _ in range(tcfg.grad_accum):
-                batch, kwargs = model_inputs(train_data.next_batch(), device, recipe.data.document_masking)
+            micro_batches = [train_data.next_batch() for _ in range(tcfg.grad_accum)]
+            for host_batch, weight in zip(micro_batches, step_weights(micro_batches)):
+                # Real (non-padding) tokens for throughput; pretraining rows have no padding.
+                real = host_batch.pop("real_tokens", None)
+                n_tokens = int(real.sum()) if real is not None else host_batch["input_ids"].numel()
+                window_tokens += n_tokens
+                total_tokens += n_tokens
+                batch, kwargs = model_inputs(host_batch, device, recipe.data.document_masking)
                 with autocast():
                     output = forward(batch["input_ids"], **kwargs)
                 loss, parts = objective(output, batch, tcfg)
                 # Gradients accumulate in the fp32 .grad of the fp32 master weights.
-                (loss / tcfg.grad_accum).backward()
-                window_loss += loss.detach() / tcfg.grad_accum
+                (loss * weight).backward()
+                window_loss += loss.detach() * weight
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
                          if tcfg.grad_clip > 0 else None)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             window_steps += 1
-            window_tokens += tokens_per_step
             last_step = step == tcfg.max_steps
             out_of_time = tcfg.time_limit_minutes and time.time() - started > tcfg.time_limit_minutes * 60
             if step % tcfg.log_every == 0 or last_step or out_of_time:
@@ -271,7 +312,7 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
                         f"train.warmup_steps, then resume from the last checkpoint with --resume")
                 tok_s = window_tokens / max(elapsed, 1e-9)
                 record = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tok_s,
-                          "tokens": step * tokens_per_step, "elapsed_s": time.time() - started}
+                          "tokens": total_tokens, "elapsed_s": time.time() - started}
                 record.update({k: v.item() for k, v in parts.items() if k != "ce"})
                 # Playbook ch. 05: track epochs per source (e.g. stay under ~5 for small sources).
                 record.update({f"epochs/{name}": e for name, e in train_data.epochs_seen().items()})

@@ -43,6 +43,7 @@ def z_loss(logits: Tensor, mask: Tensor) -> Tensor:
     return (log_z.pow(2) * mask).sum() / mask.sum().clamp(min=1)
 
 
+@register("sft")  # the same loss: the data decides what is trained (labels -100 elsewhere)
 @register("lm")
 def lm(output: ModelOutput, batch: dict[str, Tensor], cfg: TrainConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """Next-token cross-entropy averaged over the labelled tokens (+ z-loss, + MoE aux loss)."""
