@@ -82,6 +82,25 @@ def tie_margin(model: Transformer, prompt: list[int], continuation: list[int], s
     return float(top[0] - top[1])
 
 
+def without_extra_buffer_types() -> None:
+    """Load models without llama.cpp's "extra" CPU buffer types (weight repacking, AMX).
+
+    On the Xeon with AMX where this was run, llama.cpp 0.3.36's AMX path crashes (SIGSEGV) on the
+    first eval of any q8_0 model this small; with plain CPU buffers the same files run. Every
+    file is checked the plain way so that all types go through the same kernels.
+    """
+    import llama_cpp.llama_cpp as bindings
+
+    defaults = bindings.llama_model_default_params
+
+    def params():  # noqa: ANN202 (a ctypes struct)
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    bindings.llama_model_default_params = params
+
+
 def check(label: str, model: Transformer, tokenizer: Tokenizer, work: Path, dtypes: list[str]) -> bool:
     from llama_cpp import Llama
 
@@ -94,7 +113,7 @@ def check(label: str, model: Transformer, tokenizer: Tokenizer, work: Path, dtyp
     for dtype in dtypes:
         path = write_gguf(model, tokenizer, work / f"{label.split()[0]}-{dtype}.gguf", dtype=dtype)
         # f32 KV cache (llama.cpp defaults to f16) so that f32 files are compared at full precision.
-        llm = Llama(str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2, type_k=0, type_v=0)
+        llm = Llama(str(path), n_ctx=model.config.max_seq_len, logits_all=True, verbose=False, n_threads=2, type_k=0, type_v=0)
         ids = llm.tokenize(MIXED_TEXT.encode(), add_bos=False, special=True)
         same_ids = ids == tokenizer.encode(MIXED_TEXT)
         llm.reset()
@@ -128,6 +147,7 @@ def main() -> int:
     parser.add_argument("--checkpoint", help="also check this trained checkpoint (smolforge or HF directory)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    without_extra_buffer_types()
     ok = True
     print("| model | GGUF type | MB | token ids equal | max abs logit diff | greedy tokens equal | result |")
     print("|---|---|---|---|---|---|---|")

@@ -9,6 +9,7 @@ import yaml
 
 from smolforge.config import (
     PretrainRecipe,
+    SFTRecipe,
     add_recipe_arguments,
     collect_overrides,
     load_recipe,
@@ -104,4 +105,5 @@ def test_every_bundled_recipe_is_valid():
     recipes = sorted(bundled_recipe().parent.glob("*.yaml"))
     assert len(recipes) >= 2
     for path in recipes:
-        load_recipe(path)
+        # A recipe's stage is in its name: *-sft.yaml recipes are for `smolforge sft`.
+        load_recipe(path, schema=SFTRecipe if path.stem.endswith("sft") else PretrainRecipe)

@@ -396,3 +396,32 @@ def test_beam_search_stops_at_stop_tokens(model):
     assert out[0].tokens == [first] and out[0].finish_reason == "stop"
     with pytest.raises(ValueError, match="num_beams"):
         Engine(model).beam_search(PROMPTS[0], num_beams=0, max_new_tokens=4)
+
+
+def test_cli_chat_renders_the_prompt_with_the_checkpoint_template(tmp_path, capsys):
+    """--chat sends the prompt through the chat template (generation prompt included)."""
+    import warnings
+
+    from smolforge.chat.render import load_template, render_messages
+    from smolforge.cli import main
+    from smolforge.tokenizer import train_tokenizer
+    from smolforge.train.checkpoint import save_checkpoint
+
+    (tmp_path / "c.txt").write_text("hello there, what is 2 + 2? it is 4.\n" * 50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok = train_tokenizer([tmp_path / "c.txt"], vocab_size=384)
+    torch.manual_seed(0)
+    model = Transformer(debug().model_copy(update={"vocab_size": 384, "init_std": 0.2}))
+    save_checkpoint(tmp_path / "plain", model, tok)
+    assert main(["generate", str(tmp_path / "plain"), "--chat", "--prompt", "hi"]) == 2
+    assert "no chat template" in capsys.readouterr().err
+    tok.chat_template = load_template("smollm3")
+    save_checkpoint(tmp_path / "chat", model, tok)
+    args = ["generate", str(tmp_path / "chat"), "--chat", "--no-think", "--prompt", "what is 2 + 2?",
+            "--temperature", "0", "--max-new-tokens", "4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    expected = render_messages(tok.chat_template, [{"role": "user", "content": "what is 2 + 2?"}],
+                               add_generation_prompt=True, enable_thinking=False)
+    assert out.startswith(expected) and expected.endswith("<think>\n\n</think>\n")

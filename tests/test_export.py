@@ -154,3 +154,32 @@ def test_gguf_file_holds_every_tensor_and_the_tokenizer(dtype, atol, tokenizer, 
     assert tokens[-1] == f"[PAD{VOCAB - 1}]"  # embedding rows past the tokenizer
     assert field("tokenizer.ggml.eos_token_id") == tokenizer.eos_id
     assert field("llama.block_count") == model.config.n_layers
+
+
+LLAMA3_STYLE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] | upper }}: "
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
+    "{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>ASSISTANT: {% endif %}")
+
+
+def test_an_imported_tokenizers_chat_template_is_kept_and_used(tokenizer, tmp_path):  # noqa: F811
+    from smolforge.chat.render import render_for_training, render_messages
+    from smolforge.data.sft import resolve_template
+
+    _save_hf(tmp_path, tokenizer, "Qwen3ForCausalLM")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf_tok.chat_template = LLAMA3_STYLE
+    hf_tok.save_pretrained(tmp_path / "hf")  # as a Hub model ships it
+    _, tok = load_model(tmp_path / "hf")
+    assert tok.chat_template == LLAMA3_STYLE and resolve_template("auto", tok) == LLAMA3_STYLE
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the dog"},
+                {"role": "assistant", "content": "lazy fox"}]
+    assert (render_messages(LLAMA3_STYLE, messages[:2], add_generation_prompt=True)
+            == hf_tok.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True))
+    ours = render_for_training(tok, messages, LLAMA3_STYLE)
+    theirs = hf_tok.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    assert ours.input_ids == theirs["input_ids"] and ours.assistant_mask == theirs["assistant_masks"]
+    out = export_model(tmp_path / "hf", tmp_path / "out")
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template == LLAMA3_STYLE

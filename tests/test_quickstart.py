@@ -9,16 +9,21 @@ from smolforge.quickstart import bundled_text
 
 
 def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path, capsys):
-    args = ["quickstart", "--dir", str(tmp_path), "--max-steps", "4", "--sample-tokens", "16"]
+    args = ["quickstart", "--dir", str(tmp_path), "--max-steps", "4", "--sample-tokens", "16",
+            "--sft-examples", "60", "--sft-max-steps", "3", "--eval-examples", "8"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "validation bits per byte" in out and "ROMEO:" in out
     run = tmp_path / "quickstart"
     for name in ("report.md", "loss.png", "recipe.yaml", "metrics.jsonl", "final/model.safetensors",
-                 "final/tokenizer.json", "data/train/manifest.json", "data/val/manifest.json"):
+                 "final/tokenizer.json", "data/train/manifest.json", "data/val/manifest.json",
+                 "sft/final/model.safetensors", "sft/report.md", "data/sft-train.jsonl"):
         assert (run / name).exists(), name
     report = (run / "report.md").read_text()
     assert "validation bits per byte" in report and "## Sample" in report
+    assert "## SFT on smol tasks" in report and "| **all** |" in report and "mode honoured" in out
+    sft_meta = json.loads((run / "sft" / "final" / "smolforge.json").read_text())
+    assert sft_meta["stage"] == "sft" and sft_meta["parent"] == str(run / "final")
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_bpb" in line]
     assert evals and evals[-1]["val_bpb"] > 0
     # The validation split is the last 10% of the characters, kept out of training.

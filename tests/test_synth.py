@@ -115,8 +115,14 @@ _OPS = {"+": int.__add__, "plus": int.__add__, "-": int.__sub__, "minus": int.__
 _EQUATION = re.compile(r"[\d+\-* ]*\d[\d+\-* ]*(?:=[\d+\-* ]*\d[\d+\-* ]*)+")
 
 
-def test_arithmetic_answers_and_every_trace_step_are_correct():
-    samples = generate("arithmetic", 300, seed=5, think_fraction=1.0)
+@pytest.mark.parametrize("task", ["arithmetic", "addition"])
+def test_arithmetic_answers_and_every_trace_step_are_correct(task):
+    samples = generate(task, 300, seed=5, think_fraction=1.0)
+    if task == "addition":  # two-digit operands, + and - only
+        operands = [re.findall(r"\d+", s["messages"][-2]["content"]) for s in samples]
+        assert all(10 <= int(x) <= 99 for pair in operands for x in pair)
+        assert not any("*" in s["messages"][-2]["content"] or "times" in s["messages"][-2]["content"]
+                       for s in samples)
     for s in samples:
         a, op, b = re.search(r"(\d+) ([-+*]|plus|minus|times) (\d+)", s["messages"][-2]["content"]).groups()
         expected = _OPS[op](int(a), int(b))

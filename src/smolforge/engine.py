@@ -28,7 +28,7 @@ import argparse
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -507,8 +507,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--length-penalty", type=float, default=1.0,
                         help="Beam ranking: log-prob / length ** this; 0 = raw log-prob.")
     parser.add_argument("--no-stream", action="store_true", help="Print whole completions at the end.")
+    parser.add_argument("--chat", action="store_true",
+                        help="Send each prompt as a user message through the checkpoint's chat template "
+                             "(generation prompt added; stops at <|im_end|>).")
+    parser.add_argument("--no-think", action="store_true",
+                        help="With --chat: reasoning mode off (enable_thinking=false) for hybrid templates.")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default cuda when available.")
     parser.set_defaults(func=_generate_command)
+
+
+def _chat_prompts(prompts: list[str], tokenizer: Any, enable_thinking: bool) -> list[str]:
+    from smolforge.chat.render import render_messages
+
+    if not tokenizer.chat_template:
+        raise SmolforgeError("--chat: this checkpoint's tokenizer has no chat template (train it with "
+                             "`smolforge sft`, or use a model that ships one)")
+    return [render_messages(tokenizer.chat_template, [{"role": "user", "content": p}],
+                            add_generation_prompt=True, enable_thinking=enable_thinking) for p in prompts]
 
 
 def _generate_command(args: argparse.Namespace) -> int:
@@ -525,6 +540,9 @@ def _generate_command(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.checkpoint, device=device)
     engine = Engine(model, tokenizer)
+    if args.chat:
+        args.prompt = _chat_prompts(args.prompt, tokenizer, enable_thinking=not args.no_think)
+        params.stop_token_ids += [i for i in (tokenizer.token_to_id("<|im_end|>"),) if i is not None]
     prompts = [tokenizer.encode(p) for p in args.prompt]
     try:
         if args.num_beams > 1:

@@ -315,6 +315,8 @@ class SFTLoader:
     counters, so a resumed run continues with the exact batches it would have seen.
     """
 
+    trim_padding = True  # cut all-padding columns per batch; benchmarks switch it off for a baseline
+
     def __init__(self, examples: Sequence[SFTExample], seq_len: int, batch_size: int, packing: str,
                  pad_id: int, seed: int = 0, source_epochs: dict[str, float] | None = None,
                  manifest: list[dict[str, Any]] | None = None) -> None:
@@ -356,8 +358,9 @@ class SFTLoader:
         rows = [self._row(k) for k in indices]
         batch = collate(rows)
         # Padding sits at the end of rows: cut the columns no row uses (dynamic padding).
-        used = max(row.n_real_tokens for row in rows)
-        batch = {k: v[:, :used].contiguous() for k, v in batch.items()}
+        if self.trim_padding:
+            used = max(row.n_real_tokens for row in rows)
+            batch = {k: v[:, :used].contiguous() for k, v in batch.items()}
         batch["real_tokens"] = torch.tensor([row.n_real_tokens for row in rows], dtype=torch.int64)
         return batch
 

@@ -454,7 +454,7 @@ def add_tokenize_command(data_subparsers: argparse._SubParsersAction) -> None:
                                         description="Tokenize documents into memory-mapped token shards.")
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="Files, directories or globs (.txt, .jsonl, .json, .parquet).")
-    parser.add_argument("--tokenizer", required=True, help="Tokenizer directory (smolforge or HF).")
+    parser.add_argument("--tokenizer", required=True, help="Tokenizer directory (smolforge or HF), checkpoint or Hub id.")
     parser.add_argument("--out", required=True, help="Output directory for the shards and manifest.json.")
     parser.add_argument("--text-field", default="text", help="JSON/Parquet field holding the text.")
     parser.add_argument("--workers", type=int, default=0, help="Tokenizer processes; 0 = all cores.")
