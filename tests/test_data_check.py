@@ -17,7 +17,8 @@ from smolforge.data.check import check_sft_data, reasoning_mode
 from smolforge.data.synth import generate, write_jsonl
 from smolforge.tokenizer import Tokenizer, train_tokenizer
 
-SHAREGPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "sharegpt-dummy" / "dummy_conversation.json"
+# A copy of ../shared/data/sharegpt-dummy (Apache-2.0, see its SOURCE.txt), so CI needs no ../shared.
+SHAREGPT = Path(__file__).parent / "data" / "sharegpt-dummy" / "dummy_conversation.json"
 CLEAN = [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four."}]
 # A template with two of the playbook's bugs: it drops system messages and trains only the last
 # assistant turn.

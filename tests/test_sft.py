@@ -29,7 +29,8 @@ from smolforge.train.checkpoint import load_model, save_checkpoint
 from smolforge.train.loop import step_weights, train
 from smolforge.train.objectives import IGNORE_INDEX
 
-SHAREGPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "sharegpt-dummy" / "dummy_conversation.json"
+# A copy of ../shared/data/sharegpt-dummy (Apache-2.0, see its SOURCE.txt), so CI needs no ../shared.
+SHAREGPT = Path(__file__).parent / "data" / "sharegpt-dummy" / "dummy_conversation.json"
 
 
 @pytest.fixture(scope="module")
