@@ -253,3 +253,20 @@ def test_sharded_hugging_face_directory_loads(model, tokenizer, tmp_path):
     x = torch.randint(0, 384, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=0, rtol=0)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
+    import errno
+
+    model = Transformer(debug().model_copy(update={"vocab_size": 128}))
+    path = ckpt.save_checkpoint(tmp_path / "ck", model, meta={"step": 1})
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(SmolforgeError, match="no space left on the device .* previous checkpoint there is intact"):
+        ckpt.save_checkpoint(tmp_path / "ck", model, meta={"step": 2})
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary left behind

@@ -200,3 +200,53 @@ def test_tiny_sft_run_learns_and_keeps_the_template(tokenizer, tmp_path):
     assert tok.chat_template == resolve_template("smollm3", tokenizer)
     meta = json.loads((result.final_checkpoint / "smolforge.json").read_text())
     assert meta["stage"] == "sft" and meta["parent"] == str(tmp_path / "base")
+
+
+def test_lora_sft_trains_adapters_only_and_resumes_exactly(tokenizer, tmp_path, monkeypatch):
+    """LoRA on a stage: checkpoints hold the merged model, the adapter loads with peft on the base,
+    and a resume from a mid-run checkpoint gives the uninterrupted run's losses."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    write_jsonl(generate("count", 80, seed=0), tmp_path / "train.jsonl")
+    torch.manual_seed(0)
+    base = Transformer(ModelConfig(**{**debug().model_dump(), "vocab_size": 512}))
+    save_checkpoint(tmp_path / "base", base, tokenizer, meta={"stage": "pretrain"})
+
+    def run(name: str, steps: int, resume: bool = False, objective: str = "sft"):
+        recipe = load_recipe(None, {"train.objective": objective,
+            "run.dir": str(tmp_path), "run.name": name, "run.init_from": str(tmp_path / "base"),
+            "data.train": [{"path": str(tmp_path / "train.jsonl")}], "data.seq_len": 256,
+            "data.template": "chatml", "data.val_fraction": 0.0, "lora.r": 4, "lora.alpha": 8,
+            "train.epochs": 0, "train.max_steps": steps, "train.batch_size": 4, "train.grad_accum": 1,
+            "train.lr": 1e-2, "train.warmup_steps": 0, "train.log_every": 1, "train.save_every": 4,
+            "train.threads": 1}, SFTRecipe)
+        return train(recipe, resume=resume, stage="sft")
+
+    full = run("full", 8)
+    losses = [json.loads(x)["loss"] for x in (full.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    merged, _ = load_model(full.final_checkpoint)
+    base_again, _ = load_model(tmp_path / "base")
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base_again.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(merged.model.embed_tokens.weight, base_again.model.embed_tokens.weight)  # not a target
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    with_adapter = peft.PeftModel.from_pretrained(hf, full.run_dir / "adapter").eval()
+    x = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(with_adapter(x).logits, merged(x).logits, atol=1e-5, rtol=1e-4)
+    # crash in step 5 (after the step-4 checkpoint), then resume to 8: the same losses
+    from smolforge.train import objectives
+
+    calls = {"n": 0}
+
+    def crashy(output, batch, cfg):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("injected crash")
+        return objectives.lm(output, batch, cfg)
+
+    monkeypatch.setitem(objectives.OBJECTIVES, "crashy", crashy)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run("split", 8, objective="crashy")
+    resumed = run("split", 8, resume=True)
+    again = [json.loads(x)["loss"] for x in (resumed.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert again == losses

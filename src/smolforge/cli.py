@@ -24,6 +24,8 @@ COMMAND_MODULES = [
     "smolforge.chat.cli",
     "smolforge.interop.export",
     "smolforge.interop.inspect",
+    "smolforge.train.lora",
+    "smolforge.lab.merge",
 ]
 
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from smolforge.errors import SmolforgeError
 from smolforge.model import PRESETS, ModelConfig
+from smolforge.train.lora import LoraSettings
 
 
 class Section(BaseModel):
@@ -81,6 +82,33 @@ class SFTDataConfig(Section):
     skip_invalid: bool = Field(False, description="Skip (and count) malformed records instead of stopping.")
 
 
+class PreferenceSourceConfig(Section):
+    path: str = Field(description="A .jsonl / .json / .parquet file (or directory or glob) of prompt/chosen/rejected records.")
+    name: str = Field("", description="Label used in logs; default = the file name.")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Template switches for this source, e.g. {enable_thinking: false}.")
+
+
+class PreferenceDataConfig(Section):
+    """Preference pairs, chat template, length and the reference model for `smolforge dpo`."""
+
+    tokenizer: str = Field("", description="Tokenizer directory; empty = the one of run.init_from.")
+    train: list[PreferenceSourceConfig] = Field(default_factory=list, description="Training sources of preference pairs.")
+    val: list[PreferenceSourceConfig] = Field(default_factory=list, description="Validation sources; empty = hold out val_fraction.")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of training pairs held out for validation when val is empty.")
+    template: str = Field("auto", description="Chat template: auto (the tokenizer's own, else smollm3), chatml, smollm3, tokenizer, or a .jinja path.")
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="Template switches for every source (a source's own win).")
+    seq_len: int = Field(1024, gt=1, description="Maximum tokens of prompt + response per sequence.")
+    truncation: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="Sequences over seq_len: cut the response end, drop the pair, or stop with an error.")
+    reference_model: str = Field("", description="Reference checkpoint; empty = run.init_from (the model before this stage).")
+    reference: Literal["cached", "online"] = Field(
+        "cached", description="cached = reference log-probs computed once before training and stored in the run; "
+                              "online = the reference model stays in memory and scores every batch.")
+    document_masking: bool = Field(True, description="Kept for the loop; preference rows hold one sequence each.")
+    skip_invalid: bool = Field(False, description="Skip (and count) malformed records instead of stopping.")
+
+
 class TrainConfig(Section):
     """Optimisation, schedule, logging and checkpointing."""
 
@@ -111,7 +139,17 @@ class TrainConfig(Section):
     eval_batches: int = Field(20, ge=0, description="Validation batches per pass; 0 = the whole validation set.")
     save_every: int = Field(500, ge=0, description="Steps between checkpoints; 0 = only the final one.")
     keep_last: int = Field(3, gt=0, description="Periodic checkpoints kept on disk.")
+    spike_factor: float = Field(0.0, ge=0, description="Skip a step whose loss exceeds this x the median of recent steps; 0 = off (non-finite losses are always skipped).")
+    spike_window: int = Field(50, gt=1, description="Recent steps whose median the spike check compares with.")
+    max_bad_steps: int = Field(3, gt=0, description="Skipped steps in a row before rolling back to the last checkpoint.")
+    rollback_lr_factor: float = Field(0.5, gt=0, le=1, description="Learning-rate scale applied at each rollback.")
     time_limit_minutes: float = Field(0.0, ge=0, description="Stop cleanly (eval + save) after this wall time; 0 = none.")
+    beta: float = Field(0.1, gt=0, description="Preference objectives: beta, the strength of the anchor to the reference model (playbook: 0.1).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Preference objectives (dpo, robust): assumed share of flipped preference labels.")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO: target reward margin gamma, in reward units (as TRL's CPOConfig.simpo_gamma).")
+    orpo_lambda: float = Field(0.1, ge=0, description="ORPO: weight of the odds-ratio term next to the SFT loss.")
+    kto_desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of desirable (chosen) examples.")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of undesirable (rejected) examples.")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="Also log metrics to these trackers: tensorboard, wandb.")
 
@@ -129,6 +167,22 @@ class PretrainRecipe(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+
+    # A stage's defaults for the keys a recipe leaves unset (subclasses: SFT, DPO).
+    DEFAULT_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_defaults(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        merged = dict(values)
+        for section, defaults in cls.DEFAULT_OVERRIDES.items():
+            given = values.get(section) or {}
+            if isinstance(given, dict):
+                merged[section] = {**defaults, **given}
+        return merged
 
     @model_validator(mode="before")
     @classmethod
@@ -167,17 +221,16 @@ class SFTRecipe(PretrainRecipe):
 
     data: SFTDataConfig = Field(default_factory=SFTDataConfig)  # type: ignore[assignment]
 
-    @model_validator(mode="before")
-    @classmethod
-    def _stage_defaults(cls, values: Any) -> Any:
-        if not isinstance(values, dict):
-            return values
-        merged = dict(values)
-        for section, defaults in cls.DEFAULT_OVERRIDES.items():
-            given = values.get(section) or {}
-            if isinstance(given, dict):
-                merged[section] = {**defaults, **given}
-        return merged
+
+class DPORecipe(PretrainRecipe):
+    """A full recipe for `smolforge dpo`: preference data, a preference objective and its defaults."""
+
+    # Playbook ch. 07: lr 5-20x below SFT (1e-6), beta 0.1, one epoch.
+    DEFAULT_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {"train": {
+        "objective": "dpo", "epochs": 1.0, "batch_size": 8, "grad_accum": 4, "lr": 1e-6,
+        "schedule": "linear", "warmup_steps": 0, "weight_decay": 0.0, "eval_every": 100}}
+
+    data: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)  # type: ignore[assignment]
 
 
 # --- loading, overriding, saving ----------------------------------------------------------------

@@ -1,14 +1,16 @@
-"""`smolforge pretrain RECIPE` and `smolforge sft RECIPE`: the one training loop, two recipes.
+"""`smolforge pretrain | sft | dpo RECIPE`: the one training loop, one recipe schema per stage.
 
 The stages differ only in their recipe schema (data section and defaults) and thereby in their
-data and objective (DESIGN.md principle 1); both commands are built by `_add_stage`.
+data and objective (DESIGN.md principle 1); `register` builds every command from `STAGES`.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from smolforge.config import (
+    DPORecipe,
     PretrainRecipe,
     SFTRecipe,
     add_recipe_arguments,
@@ -26,6 +28,11 @@ STAGES = {
             "follow the playbook for pretrained bases (lr 1e-5, effective batch 128, 1 epoch). "
             "Example: `smolforge sft --run.init_from runs/quickstart/final --data.train "
             "'[{path: sft.jsonl}]'`."),
+    "dpo": (DPORecipe, "Preference optimisation on prompt/chosen/rejected pairs (DPO, APO, IPO, SimPO, ORPO, ...).",
+            "Train on preference pairs with the loss named by --train.objective (dpo, robust, ipo, hinge, "
+            "apo_zero, apo_down, simpo, orpo). Reference log-probs come from run.init_from (or "
+            "data.reference_model) and are cached in the run. Defaults follow the playbook: lr 1e-6, "
+            "beta 0.1, one epoch."),
 }
 
 
@@ -35,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument("recipe", nargs="?", help="YAML recipe (see recipes/); omit to use only flags.")
         parser.add_argument("--resume", action="store_true",
                             help="Continue the run in <run.dir>/<run.name> from its newest good checkpoint.")
+        parser.add_argument("--auto-restart", type=int, default=0, metavar="N",
+                            help="Run under a supervisor that relaunches a crashed run with --resume, up to "
+                                 "N times (0 = off).")
         add_recipe_arguments(parser, schema)
         parser.set_defaults(func=run, stage=name)
 
@@ -42,10 +52,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from smolforge.lab.report import write_run_report
     from smolforge.train.loop import train
+    from smolforge.train.resilience import supervise, without_auto_restart
 
     schema = STAGES[args.stage][0]
-    recipe = load_recipe(args.recipe, collect_overrides(args), schema)
+    recipe = load_recipe(args.recipe, collect_overrides(args), schema)  # fail fast, before any child
+    if args.auto_restart > 0:
+        return supervise([sys.executable, "-m", "smolforge.cli", *without_auto_restart(sys.argv[1:])],
+                         args.auto_restart)
     result = train(recipe, resume=args.resume, stage=args.stage)
+    if result.interrupted:
+        again = " ".join(["smolforge", *without_auto_restart(sys.argv[1:])])
+        print(f"stopped by {result.stop_signal} after step {result.steps}; a checkpoint is saved. "
+              f"Continue with:\n  {again if '--resume' in again else again + ' --resume'}")
+        return 0
     write_run_report(result.run_dir)
     print(f"final model: {result.final_checkpoint}  ({result.steps} steps, {result.wall_seconds:.0f}s)")
     for key, value in result.metrics.items():

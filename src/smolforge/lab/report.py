@@ -59,10 +59,11 @@ def write_run_report(run_dir: str | Path, extra_sections: dict[str, str] | None 
                   f"| first logged training loss | {train_records[0]['loss']:.4f} |",
                   f"| training throughput (last window) | {last.get('tokens_per_s', 0):,.0f} tokens/s |",
                   f"| wall time | {last.get('elapsed_s', 0):.0f} s |"]
-        if evals:
-            lines += [f"| validation loss | {evals[-1]['val_loss']:.4f} |",
-                      f"| validation bits per byte | {evals[-1]['val_bpb']:.4f} |",
-                      f"| validation perplexity | {evals[-1]['val_ppl']:.2f} |"]
+        names = {"val_loss": "validation loss", "val_bpb": "validation bits per byte",
+                 "val_ppl": "validation perplexity"}
+        for key, value in (evals[-1] if evals else {}).items():
+            if key.startswith("val_"):  # a stage's own validation metrics (e.g. preference rewards)
+                lines.append(f"| {names.get(key, key.replace('_', ' '))} | {value:.4f} |")
         lines.append("")
     if has_plot:
         lines += ["![loss curve](loss.png)", ""]

@@ -232,11 +232,16 @@ def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Tokeni
             os.replace(tmp, directory)
             shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(directory.parent)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         old = tmp.with_name(tmp.name + ".old")
         if old.exists() and not directory.exists():
             os.replace(old, directory)  # failed between the two renames: put the old one back
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = "the previous checkpoint there is intact" if directory.exists() else "nothing was written"
+            raise SmolforgeError(f"no space left on the device while writing checkpoint {directory}: "
+                                 f"{kept}. Free space (or lower train.keep_last), then continue with "
+                                 f"--resume") from None
         raise
     return directory
 

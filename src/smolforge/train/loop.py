@@ -10,6 +10,7 @@ states), `metrics.jsonl`, and a progress bar with loss, lr, tokens/s and ETA.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from smolforge import __version__
-from smolforge.config import PretrainRecipe, SFTDataConfig, save_recipe
+from smolforge.config import PreferenceDataConfig, PretrainRecipe, SFTDataConfig, save_recipe
 from smolforge.data.loader import PretrainLoader, SourceSpec, model_inputs
 from smolforge.errors import SmolforgeError
 from smolforge.eval.bpb import evaluate_loss_and_bpb, token_byte_lengths
@@ -37,9 +38,11 @@ from smolforge.model import (
     training_flops_per_token,
 )
 from smolforge.train import checkpoint as ckpt
+from smolforge.train.lora import adapter_state_dict, apply_lora, merge_lora, save_adapter
 from smolforge.train.objectives import IGNORE_INDEX, get_objective
 from smolforge.train.optim import build_optimizer
 from smolforge.train.progress import TrainProgress
+from smolforge.train.resilience import GracefulStop, LossGuard
 from smolforge.train.schedule import lr_multiplier
 from smolforge.train.trackers import Trackers
 
@@ -55,6 +58,8 @@ class RunResult:
     steps: int
     metrics: dict[str, float] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    interrupted: bool = False  # stopped by SIGTERM / SIGINT after writing a checkpoint
+    stop_signal: str | None = None
 
 
 class MetricsLog:
@@ -119,8 +124,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_data(recipe: PretrainRecipe, tokenizer: Any):
+def build_data(recipe: PretrainRecipe, tokenizer: Any, device: torch.device | None = None,
+               run_dir: Path | None = None):
     """Training loader and (optional) validation loader from the recipe's data section."""
+    if isinstance(recipe.data, PreferenceDataConfig):
+        from smolforge.data.preference import build_preference_loaders
+
+        return build_preference_loaders(recipe, tokenizer, device or torch.device("cpu"),
+                                        run_dir or Path(recipe.run.dir) / recipe.run.name)
     if isinstance(recipe.data, SFTDataConfig):
         from smolforge.data.sft import build_sft_loaders
 
@@ -136,6 +147,30 @@ def build_data(recipe: PretrainRecipe, tokenizer: Any):
     val = (PretrainLoader(specs(recipe.data.val), recipe.data.seq_len, recipe.train.batch_size,
                           seed=recipe.run.seed) if recipe.data.val else None)
     return train, val
+
+
+TOKEN_OBJECTIVES = ("lm", "sft")  # evaluated by loss and bits per byte of the labelled tokens
+
+
+@torch.no_grad()
+def evaluate_objective(model: Transformer, batches: Any, objective: Any, tcfg: Any, device: torch.device,
+                       autocast: Any) -> dict[str, float]:
+    """The objective's own loss and metrics averaged over validation batches, as `val_*`."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    count = 0
+    for host_batch in batches:
+        host_batch = {k: v for k, v in host_batch.items() if k not in ("step_weight", "real_tokens")}
+        batch, kwargs = model_inputs(host_batch, device, False)
+        with autocast():
+            output = model(batch["input_ids"], **kwargs)
+        loss, parts = objective(output, batch, tcfg)
+        for key, value in {"loss": loss, **parts}.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+        count += 1
+    model.train(was_training)
+    return {f"val_{key.replace('/', '_')}": value / count for key, value in sums.items()} if count else {}
 
 
 def resolve_max_steps(recipe: PretrainRecipe, train_data: Any) -> PretrainRecipe:
@@ -160,7 +195,9 @@ def step_weights(batches: list[dict[str, torch.Tensor]]) -> list[float]:
     mean of per-micro-batch means, which would over-weight tokens of micro-batches with few
     trained tokens (SFT rows differ widely in how many assistant tokens they hold).
     """
-    counts = [int((b["labels"] != IGNORE_INDEX).sum()) for b in batches]
+    # A batch may say what its loss is a mean over (pairs for preference losses); else tokens.
+    counts = [float(b["step_weight"]) if "step_weight" in b else int((b["labels"] != IGNORE_INDEX).sum())
+              for b in batches]
     total = sum(counts)
     if total == 0:
         return [1.0 / len(batches)] * len(batches)
@@ -207,7 +244,7 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
     trackers = Trackers(tcfg.report_to, run_dir, recipe.run.name, recipe.model_dump())
     seed_everything(recipe.run.seed)
     tokenizer = load_tokenizer(recipe)
-    train_data, val_data = build_data(recipe, tokenizer)
+    train_data, val_data = build_data(recipe, tokenizer, device, run_dir)
     recipe = resolve_max_steps(recipe, train_data)
     tcfg = recipe.train
     model, model_cfg = build_model(recipe, tokenizer, device)
@@ -215,6 +252,11 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
         raise SmolforgeError(f"data.seq_len ({recipe.data.seq_len}) exceeds the model's context length "
                              f"({model_cfg.max_seq_len})")
     recipe = recipe.model_copy(update={"model": model_cfg})
+    lora = recipe.lora if recipe.lora.r > 0 else None
+    if lora is not None:  # Hu et al. 2021: train low-rank adapters only; the base stays frozen
+        adapters = apply_lora(model, lora)
+        print(f"LoRA r={lora.r} alpha={lora.alpha:g} on {', '.join(lora.target_modules)}: "
+              f"{format_count(sum(p.numel() for p in adapters))} trainable parameters")
     objective = get_objective(tcfg.objective)
     optimizer = build_optimizer(model, tcfg, device)
     use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and device.type == "cuda")
@@ -223,17 +265,31 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
     step = total_tokens = 0
-    if resume_from is not None:
-        state = ckpt.load_trainer_state(resume_from)
-        # find_resume_checkpoint has just verified every hash: do not read the files twice.
-        resumed_model, _ = ckpt.load_model(resume_from, device=device, dtype=torch.float32, verify=False)
-        model.load_state_dict(resumed_model.state_dict())
-        del resumed_model
+    lr_scale = 1.0  # lowered by each rollback after repeated bad steps
+
+    def restore(path: Path) -> None:
+        """Model, optimizer, data position, RNG and counters as saved in checkpoint `path`."""
+        nonlocal step, total_tokens, lr_scale
+        state = ckpt.load_trainer_state(path)
+        if lora is not None:
+            # The checkpoint holds merged weights; the frozen base is the one loaded at start, so
+            # only the adapters come back (from the trainer state).
+            with torch.no_grad():
+                for key, param in adapter_state_dict(model).items():
+                    param.copy_(state["lora"][key])
+        else:
+            # The caller verified the checkpoint (resume) or wrote it in this process (rollback).
+            saved, _ = ckpt.load_model(path, device=device, dtype=torch.float32, verify=False)
+            model.load_state_dict(saved.state_dict())
+            del saved
         optimizer.load_state_dict(state["optimizer"])
         train_data.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
-        step = state["step"]
-        total_tokens = state.get("tokens", 0)
+        step, total_tokens = state["step"], state.get("tokens", 0)
+        lr_scale = state.get("lr_scale", 1.0)
+
+    if resume_from is not None:
+        restore(resume_from)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, run_dir / "recipe.yaml")
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from else None,
@@ -255,35 +311,52 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
     def evaluate() -> dict[str, float]:
         if val_data is None:
             return {}
+        if tcfg.objective not in TOKEN_OBJECTIVES:
+            return evaluate_objective(model, val_data.iter_eval(tcfg.eval_batches or None), objective, tcfg,
+                                      device, autocast)
         return evaluate_loss_and_bpb(model, val_data.iter_eval(tcfg.eval_batches or None), byte_lengths,
                                      device, autocast, recipe.data.document_masking)
 
     def save(final: bool, metrics: dict[str, float]) -> Path:
         state = {"step": step, "optimizer": optimizer.state_dict(), "loader": train_data.state_dict(),
-                 "rng": rng_state(), "tokens": total_tokens}
+                 "rng": rng_state(), "tokens": total_tokens, "lr_scale": lr_scale}
         info = {**meta, "step": step, "metrics": metrics}
-        path = ckpt.save_run_checkpoint(run_dir, step, model, tokenizer, meta=info, trainer_state=state,
+        weights = model
+        if lora is not None:
+            # Checkpoints hold the merged model, so every later command loads them as they are;
+            # the adapters themselves go into the trainer state (resume) and, at the end, into a
+            # PEFT adapter directory.
+            state["lora"] = {k: v.detach().cpu().clone() for k, v in adapter_state_dict(model).items()}
+            weights = merge_lora(copy.deepcopy(model))
+            info["lora"] = lora.model_dump()
+        path = ckpt.save_run_checkpoint(run_dir, step, weights, tokenizer, meta=info, trainer_state=state,
                                         keep_last=tcfg.keep_last)
         if final:
             # `final/` is the stage's output model: weights and metadata, no optimizer state.
-            ckpt.save_checkpoint(run_dir / "final", model, tokenizer, meta=info)
+            ckpt.save_checkpoint(run_dir / "final", weights, tokenizer, meta=info)
+            if lora is not None:
+                save_adapter(run_dir / "adapter", model, lora, recipe.run.init_from or None)
         return path
 
     model.train()
     progress = TrainProgress(total=tcfg.max_steps, start=step)
+    guard = LossGuard(tcfg.spike_factor, tcfg.spike_window, tcfg.max_bad_steps)
+    last_checkpoint = resume_from
     window_loss = torch.zeros((), device=device)
     window_steps, window_start, window_tokens = 0, time.time(), 0
     last_metrics: dict[str, float] = {}
-    finished = False
-    with progress:
+    finished = interrupted = False
+    with progress, GracefulStop() as stop:
         while step < tcfg.max_steps:
-            lr = tcfg.lr * lr_multiplier(step, tcfg.max_steps, tcfg.warmup_steps, tcfg.schedule,
-                                         tcfg.decay_fraction, tcfg.min_lr_ratio)
+            lr = tcfg.lr * lr_scale * lr_multiplier(step, tcfg.max_steps, tcfg.warmup_steps, tcfg.schedule,
+                                                    tcfg.decay_fraction, tcfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = [train_data.next_batch() for _ in range(tcfg.grad_accum)]
+            step_loss = torch.zeros((), device=device)
             for host_batch, weight in zip(micro_batches, step_weights(micro_batches)):
                 # Real (non-padding) tokens for throughput; pretraining rows have no padding.
+                host_batch.pop("step_weight", None)
                 real = host_batch.pop("real_tokens", None)
                 n_tokens = int(real.sum()) if real is not None else host_batch["input_ids"].numel()
                 window_tokens += n_tokens
@@ -294,11 +367,30 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
                 loss, parts = objective(output, batch, tcfg)
                 # Gradients accumulate in the fp32 .grad of the fp32 master weights.
                 (loss * weight).backward()
-                window_loss += loss.detach() * weight
+                step_loss += loss.detach() * weight
+            verdict, problem = guard.check(step_loss.item())
+            if verdict != "ok":  # a bad batch: no update; repeated: back to the last checkpoint
+                optimizer.zero_grad(set_to_none=True)
+                event = {"step": step, "event": verdict, "reason": problem, "skipped_total": guard.skipped}
+                if verdict == "rollback":
+                    if last_checkpoint is None:
+                        raise SmolforgeError(
+                            f"{problem} at step {step}, {tcfg.max_bad_steps} steps in a row, and no checkpoint "
+                            f"to roll back to yet: lower train.lr, raise train.warmup_steps or save earlier "
+                            f"(train.save_every)")
+                    restore(last_checkpoint)
+                    lr_scale *= tcfg.rollback_lr_factor
+                    event.update(to_step=step, checkpoint=last_checkpoint.name, lr_scale=lr_scale)
+                metrics_log.write(event)
+                progress.note(f"step {event['step']}: {problem}: "
+                              + ("batch skipped" if verdict == "skip" else
+                                 f"rolled back to {last_checkpoint.name}, lr x {lr_scale:g}"))
+                continue
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
                          if tcfg.grad_clip > 0 else None)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            window_loss += step_loss
             step += 1
             window_steps += 1
             last_step = step == tcfg.max_steps
@@ -306,10 +398,6 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
             if step % tcfg.log_every == 0 or last_step or out_of_time:
                 elapsed = time.time() - window_start
                 loss_value = (window_loss / window_steps).item()
-                if not math.isfinite(loss_value):
-                    raise SmolforgeError(
-                        f"the loss became {loss_value} around step {step}: lower train.lr or raise "
-                        f"train.warmup_steps, then resume from the last checkpoint with --resume")
                 tok_s = window_tokens / max(elapsed, 1e-9)
                 record = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tok_s,
                           "tokens": total_tokens, "elapsed_s": time.time() - started}
@@ -333,11 +421,17 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
                 save(final=True, metrics=last_metrics)
                 finished = True
                 break
+            if stop.requested:  # SIGTERM / SIGINT: this step is done; keep it and leave cleanly
+                last_checkpoint = save(final=False, metrics=last_metrics)
+                metrics_log.write({"step": step, "event": "stopped", "signal": stop.requested})
+                interrupted = True
+                break
             if tcfg.save_every and step % tcfg.save_every == 0:
-                save(final=False, metrics=last_metrics)
-    if not finished:  # resumed a run that had already reached max_steps
+                last_checkpoint = save(final=False, metrics=last_metrics)
+    if not finished and not interrupted:  # resumed a run that had already reached max_steps
         last_metrics = evaluate()
         save(final=True, metrics=last_metrics)
     metrics_log.close()
     return RunResult(run_dir=run_dir, final_checkpoint=run_dir / "final", steps=step,
-                     metrics=last_metrics, wall_seconds=time.time() - started)
+                     metrics=last_metrics, wall_seconds=time.time() - started, interrupted=interrupted,
+                     stop_signal=stop.requested)

@@ -63,6 +63,8 @@ def lm(output: ModelOutput, batch: dict[str, Tensor], cfg: TrainConfig) -> tuple
 
 
 def get_objective(name: str) -> Objective:
+    from smolforge.train import preference  # noqa: F401 (registers the preference objectives)
+
     if name not in OBJECTIVES:
         raise SmolforgeError(f"train.objective: unknown objective {name!r}; available: {sorted(OBJECTIVES)}")
     return OBJECTIVES[name]

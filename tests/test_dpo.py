@@ -1,0 +1,57 @@
+"""`smolforge dpo` end to end on a tiny model: the preference is learned, for several losses."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+from smolforge.cli import main
+from smolforge.model import ModelConfig, Transformer, debug
+from smolforge.tokenizer import train_tokenizer
+from smolforge.train.checkpoint import save_checkpoint
+
+WORDS = ["king", "queen", "rose", "moon", "ship", "crown", "bell", "fire", "wind", "gold"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    pairs = [{"prompt": f"say {w}", "chosen": f"{w} {w}", "rejected": f"no {w}"} for w in WORDS] * 4
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (root / "c.txt").write_text(" ".join(f"say {w} {w} {w} no {w}" for w in WORDS) * 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenizer = train_tokenizer([root / "c.txt"], vocab_size=384)
+    torch.manual_seed(0)
+    save_checkpoint(root / "base", Transformer(ModelConfig(**{**debug().model_dump(), "vocab_size": 384})), tokenizer)
+    return root
+
+
+@pytest.mark.parametrize("objective", ["dpo", "apo_zero", "ipo", "kto", "simpo", "orpo"])
+def test_a_tiny_preference_run_learns_the_preference(objective, setup, tmp_path):
+    args = ["dpo", "--run.dir", str(tmp_path), "--run.name", objective, "--run.init_from", str(setup / "base"),
+            "--data.train", json.dumps([{"path": str(setup / "pairs.jsonl")}]), "--data.template", "chatml",
+            "--data.seq_len", "64", "--data.val_fraction", "0.1", "--train.objective", objective,
+            "--train.epochs", "0", "--train.max_steps", "24", "--train.batch_size", "4", "--train.grad_accum", "1",
+            "--train.lr", "3e-3", "--train.log_every", "1", "--train.eval_every", "0", "--train.save_every", "0",
+            "--train.threads", "1"]
+    assert main(args) == 0
+    log = [json.loads(line) for line in (tmp_path / objective / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    if objective in ("dpo", "apo_zero", "ipo", "kto"):  # reference-based: start exactly at the reference
+        first = {"dpo": math.log(2), "apo_zero": 1.0, "ipo": None, "kto": None}[objective]
+        if first is not None:
+            assert steps[0]["loss"] == pytest.approx(first, abs=1e-4)
+    late = steps[-5:]
+    assert sum(r["rewards/margins"] for r in late) > 0
+    val = [r for r in log if "val_loss" in r][-1]
+    assert val["val_rewards_margins"] > 0 and val["val_loss"] < steps[0]["loss"]
+    if objective != "kto":  # KTO's examples are unpaired: no pairwise accuracy
+        assert sum(r["rewards/accuracies"] for r in late) / len(late) > 0.9
+        assert val["val_rewards_accuracies"] > 0.5
+    meta = json.loads((tmp_path / objective / "final" / "smolforge.json").read_text())
+    assert meta["stage"] == "dpo" and meta["parent"] == str(setup / "base")
