@@ -20,6 +20,8 @@ COMMAND_MODULES = [
     "smolforge.tokenizer",
     "smolforge.data.shards",
     "smolforge.stages",
+    "smolforge.data.pairs",
+    "smolforge.train.reward",
     "smolforge.engine",
     "smolforge.chat.cli",
     "smolforge.interop.export",
@@ -32,8 +34,9 @@ COMMAND_MODULES = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smolforge",
-        description="Train small language models end to end: tokenizer, pretraining, "
-                    "generation (SFT, preference optimisation, RL, evaluation and serving to come).",
+        description="Train small language models end to end: tokenizer, pretraining, SFT, "
+                    "preference optimisation, reward models, LoRA, merging, generation and export "
+                    "(RL, evaluation and serving to come).",
     )
     parser.add_argument("--version", action="version", version=f"smolforge {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -233,6 +233,14 @@ class DPORecipe(PretrainRecipe):
     data: PreferenceDataConfig = Field(default_factory=PreferenceDataConfig)  # type: ignore[assignment]
 
 
+class RewardRecipe(DPORecipe):
+    """A full recipe for `smolforge reward`: a Bradley-Terry reward model on preference pairs."""
+
+    DEFAULT_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {"train": {
+        "objective": "reward", "epochs": 1.0, "batch_size": 8, "grad_accum": 4, "lr": 1e-5,
+        "schedule": "linear", "warmup_steps": 0, "weight_decay": 0.0, "eval_every": 100}}
+
+
 # --- loading, overriding, saving ----------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""`smolforge pretrain | sft | dpo RECIPE`: the one training loop, one recipe schema per stage.
+"""`smolforge pretrain | sft | dpo | reward RECIPE`: the one training loop, one recipe schema per stage.
 
 The stages differ only in their recipe schema (data section and defaults) and thereby in their
 data and objective (DESIGN.md principle 1); `register` builds every command from `STAGES`.
@@ -12,6 +12,7 @@ import sys
 from smolforge.config import (
     DPORecipe,
     PretrainRecipe,
+    RewardRecipe,
     SFTRecipe,
     add_recipe_arguments,
     collect_overrides,
@@ -33,6 +34,11 @@ STAGES = {
             "apo_zero, apo_down, simpo, orpo). Reference log-probs come from run.init_from (or "
             "data.reference_model) and are cached in the run. Defaults follow the playbook: lr 1e-6, "
             "beta 0.1, one epoch."),
+    "reward": (RewardRecipe, "Train a reward model (Bradley-Terry) on prompt/chosen/rejected pairs.",
+               "Put a scalar head on a checkpoint (run.init_from, usually the SFT model) and train it so "
+               "that chosen responses score above rejected ones; reports pairwise accuracy on held-out "
+               "pairs. The result loads in transformers as a *ForSequenceClassification model and "
+               "scores JSONL with `smolforge score`."),
 }
 
 

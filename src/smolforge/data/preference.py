@@ -362,5 +362,5 @@ def build_preference_loaders(recipe: Any, tokenizer: Any, device: torch.device,
 
 
 def objective_needs_reference(name: str) -> bool:
-    """SimPO and ORPO are reference-free (Meng et al. 2024; Hong et al. 2024)."""
-    return name not in ("simpo", "orpo")
+    """SimPO and ORPO are reference-free (Meng et al. 2024; Hong et al. 2024); a reward model has none."""
+    return name not in ("simpo", "orpo", "reward")

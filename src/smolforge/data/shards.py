@@ -483,7 +483,7 @@ def _run_tokenize(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `smolforge data` with its own subcommands; other `data` commands are added here too."""
-    parser = subparsers.add_parser("data", help="Prepare data: tokenize pretraining corpora.",
+    parser = subparsers.add_parser("data", help="Prepare data: tokenize corpora, synthesize smol tasks, check SFT files.",
                                    description="Data preparation commands.")
     data_subparsers = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
 

@@ -25,6 +25,7 @@ import re
 import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -422,14 +423,18 @@ def _step_dirs(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_run_checkpoint(run_dir: str | Path, step: int, model: Transformer, tokenizer: Tokenizer | None, *,
-                        meta: dict[str, Any], trainer_state: dict[str, Any], keep_last: int) -> Path:
-    """Write checkpoints/step_N, point `latest` at it, then prune all but the newest `keep_last`."""
+def save_run_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, tokenizer: Tokenizer | None, *,
+                        meta: dict[str, Any], trainer_state: dict[str, Any], keep_last: int,
+                        writer: Callable[..., Path] | None = None) -> Path:
+    """Write checkpoints/step_N, point `latest` at it, then prune all but the newest `keep_last`.
+
+    `writer` writes one checkpoint directory (default `save_checkpoint`; the reward stage passes
+    its sequence-classifier writer)."""
     if keep_last < 1:
         raise ValueError("keep_last must be at least 1")
     root = Path(run_dir) / "checkpoints"
-    path = save_checkpoint(root / checkpoint_name(step), model, tokenizer,
-                           meta={"step": step, **meta}, trainer_state=trainer_state)
+    path = (writer or save_checkpoint)(root / checkpoint_name(step), model, tokenizer,
+                                       meta={"step": step, **meta}, trainer_state=trainer_state)
     _write_text_atomic(root / LATEST_FILE, path.name + "\n")
     # Leftovers of crashed saves or deletions of other steps (a save only tidies its own name).
     for name in {m.group(1) for p in root.glob(".tmp-step_*") if (m := _TMP_NAME.fullmatch(p.name))}:

@@ -30,6 +30,7 @@ from smolforge.config import PreferenceDataConfig, PretrainRecipe, SFTDataConfig
 from smolforge.data.loader import PretrainLoader, SourceSpec, model_inputs
 from smolforge.errors import SmolforgeError
 from smolforge.eval.bpb import evaluate_loss_and_bpb, token_byte_lengths
+from smolforge.interop.hub import resolve_model_path
 from smolforge.model import (
     ModelConfig,
     Transformer,
@@ -149,7 +150,19 @@ def build_data(recipe: PretrainRecipe, tokenizer: Any, device: torch.device | No
     return train, val
 
 
-TOKEN_OBJECTIVES = ("lm", "sft")  # evaluated by loss and bits per byte of the labelled tokens
+TOKEN_OBJECTIVES = ("lm", "sft")
+
+
+def reward_loader() -> Any:
+    from smolforge.train.reward import load_reward_model
+
+    return load_reward_model
+
+
+def reward_saver() -> Any:
+    from smolforge.train.reward import save_reward_model
+
+    return save_reward_model  # evaluated by loss and bits per byte of the labelled tokens
 
 
 @torch.no_grad()
@@ -161,8 +174,11 @@ def evaluate_objective(model: Transformer, batches: Any, objective: Any, tcfg: A
     sums: dict[str, float] = {}
     count = 0
     for host_batch in batches:
+        lengths = host_batch.get("real_tokens")
         host_batch = {k: v for k, v in host_batch.items() if k not in ("step_weight", "real_tokens")}
         batch, kwargs = model_inputs(host_batch, device, False)
+        if tcfg.objective == "reward":
+            kwargs["lengths"] = lengths.to(device)
         with autocast():
             output = model(batch["input_ids"], **kwargs)
         loss, parts = objective(output, batch, tcfg)
@@ -214,7 +230,23 @@ def load_tokenizer(recipe: PretrainRecipe):
     return Tokenizer.load(path)
 
 
-def build_model(recipe: PretrainRecipe, tokenizer, device: torch.device) -> tuple[Transformer, ModelConfig]:
+def build_model(recipe: PretrainRecipe, tokenizer, device: torch.device) -> tuple[torch.nn.Module, ModelConfig]:
+    """The model the stage trains: a causal LM, or a reward model (scalar head) for `reward`."""
+    if recipe.train.objective == "reward":
+        from smolforge.train.reward import CAUSAL_OF, RewardModel, load_reward_model
+
+        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        init = recipe.run.init_from
+        if not init:
+            raise SmolforgeError("the reward objective needs run.init_from: a reward model starts from a "
+                                 "trained checkpoint (usually the SFT model)")
+        config = json.loads((resolve_model_path(init) / "config.json").read_text(encoding="utf-8"))
+        if (config.get("architectures") or [None])[0] in CAUSAL_OF:  # continue training a reward model
+            reward_model, _ = load_reward_model(init, device=device, dtype=torch.float32)
+        else:
+            causal, _ = ckpt.load_model(init, device=device, dtype=torch.float32)
+            reward_model = RewardModel.from_causal(causal, pad_id=pad_id).to(device)
+        return reward_model, reward_model.config
     if recipe.run.init_from:
         model, _ = ckpt.load_model(recipe.run.init_from, device=device, dtype=torch.float32)
         return model, model.config
@@ -253,6 +285,10 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
                              f"({model_cfg.max_seq_len})")
     recipe = recipe.model_copy(update={"model": model_cfg})
     lora = recipe.lora if recipe.lora.r > 0 else None
+    is_reward = tcfg.objective == "reward"
+    if lora is not None and is_reward:
+        raise SmolforgeError("lora.r > 0 with the reward objective is not supported yet: train the reward "
+                             "model in full (lora.r: 0)")
     if lora is not None:  # Hu et al. 2021: train low-rank adapters only; the base stays frozen
         adapters = apply_lora(model, lora)
         print(f"LoRA r={lora.r} alpha={lora.alpha:g} on {', '.join(lora.target_modules)}: "
@@ -279,7 +315,8 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
                     param.copy_(state["lora"][key])
         else:
             # The caller verified the checkpoint (resume) or wrote it in this process (rollback).
-            saved, _ = ckpt.load_model(path, device=device, dtype=torch.float32, verify=False)
+            load = reward_loader() if is_reward else ckpt.load_model
+            saved, _ = load(path, device=device, dtype=torch.float32, verify=False)
             model.load_state_dict(saved.state_dict())
             del saved
         optimizer.load_state_dict(state["optimizer"])
@@ -329,11 +366,12 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
             state["lora"] = {k: v.detach().cpu().clone() for k, v in adapter_state_dict(model).items()}
             weights = merge_lora(copy.deepcopy(model))
             info["lora"] = lora.model_dump()
+        writer = reward_saver() if is_reward else ckpt.save_checkpoint
         path = ckpt.save_run_checkpoint(run_dir, step, weights, tokenizer, meta=info, trainer_state=state,
-                                        keep_last=tcfg.keep_last)
+                                        keep_last=tcfg.keep_last, writer=writer)
         if final:
             # `final/` is the stage's output model: weights and metadata, no optimizer state.
-            ckpt.save_checkpoint(run_dir / "final", weights, tokenizer, meta=info)
+            writer(run_dir / "final", weights, tokenizer, meta=info)
             if lora is not None:
                 save_adapter(run_dir / "adapter", model, lora, recipe.run.init_from or None)
         return path
@@ -362,6 +400,8 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
                 window_tokens += n_tokens
                 total_tokens += n_tokens
                 batch, kwargs = model_inputs(host_batch, device, recipe.data.document_masking)
+                if is_reward:  # a reward is read at each row's last real token
+                    kwargs["lengths"] = real.to(device)
                 with autocast():
                     output = forward(batch["input_ids"], **kwargs)
                 loss, parts = objective(output, batch, tcfg)
