@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from smolforge.config import (
+    DPORecipe,
     PretrainRecipe,
     SFTRecipe,
     add_recipe_arguments,
@@ -105,5 +106,6 @@ def test_every_bundled_recipe_is_valid():
     recipes = sorted(bundled_recipe().parent.glob("*.yaml"))
     assert len(recipes) >= 2
     for path in recipes:
-        # A recipe's stage is in its name: *-sft.yaml recipes are for `smolforge sft`.
-        load_recipe(path, schema=SFTRecipe if path.stem.endswith("sft") else PretrainRecipe)
+        # A recipe's stage is in its name: *-sft.yaml is for `smolforge sft`, *-dpo.yaml for `dpo`.
+        schema = {"sft": SFTRecipe, "dpo": DPORecipe}.get(path.stem.rsplit("-", 1)[-1], PretrainRecipe)
+        load_recipe(path, schema=schema)

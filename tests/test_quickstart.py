@@ -10,7 +10,8 @@ from smolforge.quickstart import bundled_text
 
 def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     args = ["quickstart", "--dir", str(tmp_path), "--max-steps", "4", "--sample-tokens", "16",
-            "--sft-examples", "60", "--sft-max-steps", "3", "--eval-examples", "8"]
+            "--sft-examples", "60", "--sft-max-steps", "3", "--eval-examples", "8", "--pair-prompts", "8",
+            "--dpo-max-steps", "2"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "validation bits per byte" in out and "ROMEO:" in out
@@ -22,6 +23,7 @@ def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     report = (run / "report.md").read_text()
     assert "validation bits per byte" in report and "## Sample" in report
     assert "## SFT on smol tasks" in report and "| **all** |" in report and "mode honoured" in out
+    assert "## Preference stage" in report and "pairs: 8 prompts x 4 responses" in out
     sft_meta = json.loads((run / "sft" / "final" / "smolforge.json").read_text())
     assert sft_meta["stage"] == "sft" and sft_meta["parent"] == str(run / "final")
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_bpb" in line]

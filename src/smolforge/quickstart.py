@@ -8,8 +8,10 @@
    constraints, personas), half in `/think` mode with reasoning, half `/no_think`, rendered with
    the smollm3 hybrid-reasoning template;
 5. evaluation: greedy replies to held-out tasks, accuracy per task and mode, and how often the
-   reply follows the mode; everything goes to `runs/quickstart/report.md`.
-Later stages (preference optimisation, RL) are added to this same command.
+   reply follows the mode;
+6. preference: on-policy pairs (the SFT model samples 4 replies per fresh task, the task's
+   checker grades them), APO-zero on them, and the same evaluation again, so the report shows
+   what the preference stage changed. Everything goes to `runs/quickstart/report.md`.
 """
 
 from __future__ import annotations
@@ -64,12 +66,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sft-examples", type=int, default=12000, help="Synthetic SFT conversations to train on.")
     parser.add_argument("--sft-max-steps", type=int, default=None, help="Cap the SFT stage's steps (default: one epoch).")
     parser.add_argument("--eval-examples", type=int, default=240, help="Held-out tasks to evaluate after SFT.")
+    parser.add_argument("--pair-prompts", type=int, default=400,
+                        help="Fresh tasks the SFT model samples replies for, to build preference pairs.")
+    parser.add_argument("--dpo-max-steps", type=int, default=None,
+                        help="Cap the preference stage's steps (default: one epoch of the pairs).")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from smolforge.chat.render import load_template, render_messages
-    from smolforge.config import SFTRecipe, load_recipe
+    from smolforge.config import DPORecipe, SFTRecipe, load_recipe
+    from smolforge.data.pairs import make_pairs
     from smolforge.data.shards import tokenize_corpus
     from smolforge.data.synth import generate, write_jsonl
     from smolforge.engine import Engine, SamplingParams
@@ -92,10 +99,11 @@ def run(args: argparse.Namespace) -> int:
         overrides["train.warmup_steps"] = min(args.max_steps, 30)
     data_dir = run_dir / "data"
     template = load_template("smollm3")
-    sft_train, held_out = sft_tasks(args.sft_examples, args.eval_examples, generate)
+    sft_train, held_out, pair_prompts = sft_tasks(args.sft_examples, args.eval_examples, args.pair_prompts,
+                                                  generate)
     write_jsonl(sft_train, data_dir / "sft-train.jsonl")
 
-    print("[1/5] tokenizer: training a byte-level BPE on tinyshakespeare (train split) + the SFT tasks")
+    print("[1/6] tokenizer: training a byte-level BPE on tinyshakespeare (train split) + the SFT tasks")
     train_txt, val_txt = prepare_text(data_dir)
     chat_txt = data_dir / "sft-text.txt"
     chat_txt.write_text("\n".join(render_messages(template, s["messages"], **s["chat_template_kwargs"])
@@ -103,14 +111,14 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = train_tokenizer([train_txt, chat_txt], vocab_size=args.vocab_size)
     tokenizer.save(run_dir / "tokenizer")
 
-    print("[2/5] data: tokenizing into shards")
+    print("[2/6] data: tokenizing into shards")
     tokenize_corpus([train_txt], run_dir / "tokenizer", data_dir / "train", workers=1, progress=False)
     tokenize_corpus([val_txt], run_dir / "tokenizer", data_dir / "val", workers=1, progress=False)
     overrides.update({"data.tokenizer": str(run_dir / "tokenizer"),
                       "data.train": [{"path": str(data_dir / "train"), "name": "tinyshakespeare"}],
                       "data.val": [{"path": str(data_dir / "val"), "name": "tinyshakespeare-val"}]})
 
-    print("[3/5] pretrain: smol-3m" + ("" if args.max_steps else " (about 5 minutes on 2 CPU cores)"))
+    print("[3/6] pretrain: smol-3m" + ("" if args.max_steps else " (about 5 minutes on 2 CPU cores)"))
     result = train(load_recipe(bundled_recipe(), overrides))
     model, tok = load_model(result.final_checkpoint)
     params = SamplingParams(max_new_tokens=args.sample_tokens, temperature=0.8, top_k=50, seed=0)
@@ -118,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     bpb = result.metrics.get("val_bpb", float("nan"))
     print(f"\nvalidation bits per byte: {bpb:.3f}\nsample:\n{sample}\n")
 
-    print("[4/5] sft: smol tasks with /think and /no_think" + ("" if args.sft_max_steps else
+    print("[4/6] sft: smol tasks with /think and /no_think" + ("" if args.sft_max_steps else
                                                               " (about 3 minutes on 2 CPU cores)"))
     sft_overrides = {"run.dir": str(run_dir), "run.init_from": str(result.final_checkpoint),
                      "train.device": args.device,
@@ -128,11 +136,31 @@ def run(args: argparse.Namespace) -> int:
                               "train.warmup_steps": min(args.sft_max_steps, 10)})
     sft = train(load_recipe(bundled_recipe("quickstart-sft.yaml"), sft_overrides, SFTRecipe), stage="sft")
 
-    print("[5/5] evaluation: held-out smol tasks, greedy, per reasoning mode")
+    print("[5/6] evaluation: held-out smol tasks, greedy, per reasoning mode")
     sft_model, sft_tok = load_model(sft.final_checkpoint)
-    report = evaluate_smol_tasks(Engine(sft_model, sft_tok), sft_tok.chat_template, held_out)
+    sft_engine = Engine(sft_model, sft_tok)
+    report = evaluate_smol_tasks(sft_engine, sft_tok.chat_template, held_out)
     think, no_think = report.total("think"), report.total("no_think")
     print(report.table())
+
+    print("[6/6] preference: on-policy pairs graded by the tasks' checkers, then APO-zero")
+    sampling = SamplingParams(max_new_tokens=96, temperature=0.8, top_p=0.95)
+    pairs, pair_stats = make_pairs(sft_engine, sft_tok.chat_template, pair_prompts, 4, sampling, seed=0)
+    print(pair_stats.summary(data_dir / "pairs.jsonl", 4))
+    dpo = after = None
+    if len(pairs) >= 16:  # too few pairs to learn from would only add noise
+        write_jsonl(pairs, data_dir / "pairs.jsonl")
+        dpo_overrides = {"run.dir": str(run_dir), "run.init_from": str(sft.final_checkpoint),
+                         "train.device": args.device,
+                         "data.train": [{"path": str(data_dir / "pairs.jsonl"), "name": "on-policy"}]}
+        if args.dpo_max_steps is not None:
+            dpo_overrides.update({"train.epochs": 0, "train.max_steps": args.dpo_max_steps,
+                                  "train.warmup_steps": min(args.dpo_max_steps, 5)})
+        dpo = train(load_recipe(bundled_recipe("quickstart-dpo.yaml"), dpo_overrides, DPORecipe), stage="dpo")
+        dpo_model, dpo_tok = load_model(dpo.final_checkpoint)
+        after = evaluate_smol_tasks(Engine(dpo_model, dpo_tok), dpo_tok.chat_template, held_out)
+        print(after.table())
+        write_run_report(dpo.run_dir)
     total = time.time() - started
     examples = "\n\n".join(f"- {e['task']}, {e['mode']}: `{e['prompt']}`\n\n  ```text\n  "
                             + e["reply"].replace("\n", "\n  ") + "\n  ```" for e in report.examples)
@@ -147,8 +175,11 @@ def run(args: argparse.Namespace) -> int:
             f"{report.table()}\n\n/think accuracy {100 * think.accuracy:.0f}% vs /no_think "
             f"{100 * no_think.accuracy:.0f}%; the reply follows its mode in "
             f"{100 * report.honour_rate():.0f}% of cases.\n\nA few replies:\n\n{examples}"),
+        "Preference stage (APO-zero on on-policy pairs)": preference_section(pair_stats, len(pairs), dpo, report,
+                                                                             after),
         "Time": f"{total:.0f} s for the whole quickstart ({result.wall_seconds:.0f} s pretraining, "
-                f"{sft.wall_seconds:.0f} s SFT).",
+                f"{sft.wall_seconds:.0f} s SFT"
+                + (f", {dpo.wall_seconds:.0f} s preference" if dpo else "") + ").",
     })
     write_run_report(sft.run_dir)
     print(f"/think accuracy {100 * think.accuracy:.0f}%, /no_think {100 * no_think.accuracy:.0f}%, "
@@ -158,10 +189,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def sft_tasks(n_train: int, n_eval: int, generate: Any) -> tuple[list[dict], list[dict]]:
-    """Training conversations and held-out ones whose prompts the training set does not hold."""
+def sft_tasks(n_train: int, n_eval: int, n_pairs: int, generate: Any) -> tuple[list[dict], list[dict], list[dict]]:
+    """SFT conversations, held-out evaluation tasks and preference prompts, no prompt in two sets."""
+
+    def key(sample: dict) -> str:
+        return json.dumps(sample["messages"][:-1], sort_keys=True)
+
     train_set = generate(SFT_TASKS, n_train, seed=0)
-    seen = {json.dumps(s["messages"][:-1], sort_keys=True) for s in train_set}
-    candidates = generate(SFT_TASKS, 4 * n_eval, seed=1)
-    held_out = [s for s in candidates if json.dumps(s["messages"][:-1], sort_keys=True) not in seen]
-    return train_set, held_out[:n_eval]
+    seen = {key(s) for s in train_set}
+    held_out = [s for s in generate(SFT_TASKS, 4 * n_eval, seed=1) if key(s) not in seen][:n_eval]
+    seen |= {key(s) for s in held_out}
+    pair_prompts = [s for s in generate(SFT_TASKS, 4 * n_pairs, seed=2) if key(s) not in seen][:n_pairs]
+    return train_set, held_out, pair_prompts
+
+
+def preference_section(stats: Any, n_pairs: int, dpo: Any, before: Any, after: Any) -> str:
+    """The report's account of the preference stage: the pairs, and accuracy before and after."""
+    text = (f"The SFT model sampled 4 replies (temperature 0.8, top-p 0.95) for each of {stats.prompts} "
+            f"fresh tasks; {100 * stats.pass_rate:.0f}% of the replies passed their checker. Prompts with "
+            f"at least one passing and one failing reply gave {n_pairs} pairs ({stats.all_passed} prompts "
+            f"all passed, {stats.all_failed} all failed).")
+    if dpo is None:
+        return text + " Fewer than 16 pairs: the preference stage was skipped."
+    rows = ["| | /think accuracy | /no_think accuracy | mode honoured |", "|---|---|---|---|"]
+    for name, report in (("after SFT", before), ("after APO-zero", after)):
+        think, no_think = report.total("think"), report.total("no_think")
+        rows.append(f"| {name} | {100 * think.accuracy:.0f}% | {100 * no_think.accuracy:.0f}% | "
+                    f"{100 * report.honour_rate():.0f}% |")
+    return (text + f" APO-zero (beta 0.1) for {dpo.steps} steps, {dpo.wall_seconds:.0f} s; the same "
+            f"held-out tasks, greedy:\n\n" + "\n".join(rows) + "\n\nPer task after APO-zero:\n\n"
+            + after.table() + "\n\nSee `dpo/report.md` for the rewards and margins during training.")
