@@ -164,3 +164,13 @@ def test_a_tracker_that_is_not_installed_fails_before_any_work(prepared, tmp_pat
     with pytest.raises(SmolforgeError, match="pip install wandb"):
         train(recipe)
     assert not (tmp_path / "tiny" / "metrics.jsonl").exists()
+
+
+def test_activation_checkpointing_trains_like_the_plain_loop(prepared, tmp_path):
+    runs = []
+    for flag in (False, True):
+        result = train(recipe_for(prepared, tmp_path / str(flag), max_steps=4, eval_every=0, save_every=0,
+                                  activation_checkpointing=flag))
+        runs.append([r["loss"] for r in read_metrics(result.run_dir) if "loss" in r])
+    assert len(runs[0]) == 4
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)

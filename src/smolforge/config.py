@@ -133,6 +133,7 @@ class TrainConfig(Section):
         "auto", description="auto = bf16 autocast with fp32 master weights on CUDA, fp32 elsewhere.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
+    activation_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward pass: much less memory, about a third more compute.")
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = all cores.")
     log_every: int = Field(10, gt=0, description="Steps between log lines and metrics.jsonl records.")
     eval_every: int = Field(200, ge=0, description="Steps between validation passes; 0 = only at the end.")

@@ -284,6 +284,10 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
         raise SmolforgeError(f"data.seq_len ({recipe.data.seq_len}) exceeds the model's context length "
                              f"({model_cfg.max_seq_len})")
     recipe = recipe.model_copy(update={"model": model_cfg})
+    if tcfg.activation_checkpointing:
+        if not isinstance(model, Transformer):
+            raise SmolforgeError("train.activation_checkpointing is not supported for the reward model yet")
+        model.activation_checkpointing = True
     lora = recipe.lora if recipe.lora.r > 0 else None
     is_reward = tcfg.objective == "reward"
     if lora is not None and is_reward:
