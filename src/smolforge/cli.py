@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "smolforge.interop.inspect",
     "smolforge.train.lora",
     "smolforge.lab.merge",
+    "smolforge.lab.plan",
 ]
 
 
