@@ -7,6 +7,7 @@ data and objective (DESIGN.md principle 1); `register` builds every command from
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from smolforge.config import (
@@ -66,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         return supervise([sys.executable, "-m", "smolforge.cli", *without_auto_restart(sys.argv[1:])],
                          args.auto_restart)
     result = train(recipe, resume=args.resume, stage=args.stage)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports for the run
+        return 0
     if result.interrupted:
         again = " ".join(["smolforge", *without_auto_restart(sys.argv[1:])])
         print(f"stopped by {result.stop_signal} after step {result.steps}; a checkpoint is saved. "

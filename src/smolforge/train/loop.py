@@ -6,6 +6,12 @@ AdamW with warmup + WSD/cosine/linear/constant, gradient accumulation in fp32, c
 autocast with fp32 master weights on CUDA (playbook ch. 04/07: bf16-only accumulation drifts),
 periodic evaluation, atomic checkpoints with exact resume (model, optimizer, data position, RNG
 states), `metrics.jsonl`, and a progress bar with loss, lr, tokens/s and ETA.
+
+Under `torchrun` (pretraining only) the same loop runs data-parallel with DDP: each rank reads
+its share of every global batch (train.batch_size stays the global rows per micro-batch), the
+loss weights use global token counts so the gradient equals the single-process one, and rank 0
+alone writes files and prints. Evaluation: every rank runs the full validation set on its own
+(identical numbers, no extra collectives) and rank 0 logs it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from smolforge import __version__
 from smolforge.config import PreferenceDataConfig, PretrainRecipe, SFTDataConfig, save_recipe
@@ -39,6 +46,8 @@ from smolforge.model import (
     training_flops_per_token,
 )
 from smolforge.train import checkpoint as ckpt
+from smolforge.train import distributed as dist_utils
+from smolforge.train.distributed import DistInfo
 from smolforge.train.lora import adapter_state_dict, apply_lora, merge_lora, save_adapter
 from smolforge.train.objectives import IGNORE_INDEX, get_objective
 from smolforge.train.optim import build_optimizer
@@ -126,8 +135,16 @@ def seed_everything(seed: int) -> None:
 
 
 def build_data(recipe: PretrainRecipe, tokenizer: Any, device: torch.device | None = None,
-               run_dir: Path | None = None):
-    """Training loader and (optional) validation loader from the recipe's data section."""
+               run_dir: Path | None = None, dist: DistInfo | None = None):
+    """Training loader and (optional) validation loader from the recipe's data section.
+
+    With `dist` of several ranks (pretraining only), the training loader yields this rank's
+    share of each global batch; the validation loader stays whole (every rank evaluates all of it).
+    """
+    world = dist.world_size if dist is not None else 1
+    if world > 1 and isinstance(recipe.data, (PreferenceDataConfig, SFTDataConfig)):
+        raise SmolforgeError(f"data-parallel training ({world} processes) supports pretraining data only "
+                             f"for now: run SFT / preference stages as a single process")
     if isinstance(recipe.data, PreferenceDataConfig):
         from smolforge.data.preference import build_preference_loaders
 
@@ -143,8 +160,12 @@ def build_data(recipe: PretrainRecipe, tokenizer: Any, device: torch.device | No
     def specs(sources):
         return [SourceSpec(shards=s.path, weight=s.weight, name=s.name or Path(s.path).name) for s in sources]
 
-    train = PretrainLoader(specs(recipe.data.train), recipe.data.seq_len, recipe.train.batch_size,
-                           seed=recipe.run.seed)
+    if recipe.train.batch_size % world:
+        raise SmolforgeError(f"train.batch_size ({recipe.train.batch_size}) is the global rows per micro-batch "
+                             f"and must divide evenly over the {world} processes")
+    rank = dist.rank if dist is not None else 0
+    train = PretrainLoader(specs(recipe.data.train), recipe.data.seq_len, recipe.train.batch_size // world,
+                           seed=recipe.run.seed, rank=rank, world_size=world)
     val = (PretrainLoader(specs(recipe.data.val), recipe.data.seq_len, recipe.train.batch_size,
                           seed=recipe.run.seed) if recipe.data.val else None)
     return train, val
@@ -204,17 +225,22 @@ def resolve_max_steps(recipe: PretrainRecipe, train_data: Any) -> PretrainRecipe
     return recipe.model_copy(update={"train": tcfg.model_copy(update={"max_steps": max_steps})})
 
 
-def step_weights(batches: list[dict[str, torch.Tensor]]) -> list[float]:
+def loss_counts(batches: list[dict[str, torch.Tensor]]) -> list[float]:
+    """What each micro-batch's mean loss is a mean over: pairs if the batch says so, else tokens."""
+    return [float(b["step_weight"]) if "step_weight" in b else float(int((b["labels"] != IGNORE_INDEX).sum()))
+            for b in batches]
+
+
+def step_weights(batches: list[dict[str, torch.Tensor]], total: float | None = None) -> list[float]:
     """How much each micro-batch's mean loss counts in the step: its share of the labelled tokens.
 
     The loss of a step is then the mean over every labelled token of the accumulated batch, not a
     mean of per-micro-batch means, which would over-weight tokens of micro-batches with few
-    trained tokens (SFT rows differ widely in how many assistant tokens they hold).
+    trained tokens (SFT rows differ widely in how many assistant tokens they hold). `total` is the
+    count over the whole step when it spans several ranks (default: these batches' own sum).
     """
-    # A batch may say what its loss is a mean over (pairs for preference losses); else tokens.
-    counts = [float(b["step_weight"]) if "step_weight" in b else int((b["labels"] != IGNORE_INDEX).sum())
-              for b in batches]
-    total = sum(counts)
+    counts = loss_counts(batches)
+    total = sum(counts) if total is None else total
     if total == 0:
         return [1.0 / len(batches)] * len(batches)
     return [c / total for c in counts]
@@ -260,11 +286,26 @@ def build_model(recipe: PretrainRecipe, tokenizer, device: torch.device) -> tupl
 
 
 def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain") -> RunResult:
-    """Run the training loop described by `recipe`; returns where the final model went."""
+    """Run the training loop described by `recipe`; returns where the final model went.
+
+    Under torchrun (WORLD_SIZE > 1) this process is one data-parallel rank of the run."""
+    device = resolve_device(recipe.train.device)
+    # nccl reduces CUDA tensors only: a CPU run on a GPU node still needs gloo.
+    dist = dist_utils.init_distributed("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(recipe, resume, stage, dist)
+    finally:
+        dist_utils.cleanup(dist)
+
+
+def _train(recipe: PretrainRecipe, resume: bool, stage: str, dist: DistInfo) -> RunResult:
     started = time.time()
     tcfg = recipe.train
     run_dir = Path(recipe.run.dir) / recipe.run.name
     device = resolve_device(tcfg.device)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device(dist.device_hint)  # this rank's own GPU, not cuda:0 for all
+    main = dist.main
     torch.set_num_threads(tcfg.threads or os.cpu_count() or 1)
     if resume:
         resume_from = ckpt.find_resume_checkpoint(run_dir)
@@ -273,10 +314,12 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
         if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").glob("step_*")):
             raise SmolforgeError(f"run directory {run_dir} already holds checkpoints: pass --resume to "
                                  f"continue that run, or choose another --run.name")
-    trackers = Trackers(tcfg.report_to, run_dir, recipe.run.name, recipe.model_dump())
+    # Trackers (wandb, tensorboard) log once per run: from rank 0.
+    trackers = Trackers(tcfg.report_to if main else [], run_dir, recipe.run.name, recipe.model_dump())
+    # The same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     seed_everything(recipe.run.seed)
     tokenizer = load_tokenizer(recipe)
-    train_data, val_data = build_data(recipe, tokenizer, device, run_dir)
+    train_data, val_data = build_data(recipe, tokenizer, device, run_dir, dist)
     recipe = resolve_max_steps(recipe, train_data)
     tcfg = recipe.train
     model, model_cfg = build_model(recipe, tokenizer, device)
@@ -295,8 +338,9 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
                              "model in full (lora.r: 0)")
     if lora is not None:  # Hu et al. 2021: train low-rank adapters only; the base stays frozen
         adapters = apply_lora(model, lora)
-        print(f"LoRA r={lora.r} alpha={lora.alpha:g} on {', '.join(lora.target_modules)}: "
-              f"{format_count(sum(p.numel() for p in adapters))} trainable parameters")
+        if main:
+            print(f"LoRA r={lora.r} alpha={lora.alpha:g} on {', '.join(lora.target_modules)}: "
+                  f"{format_count(sum(p.numel() for p in adapters))} trainable parameters")
     objective = get_objective(tcfg.objective)
     optimizer = build_optimizer(model, tcfg, device)
     use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and device.type == "cuda")
@@ -330,24 +374,37 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
         lr_scale = state.get("lr_scale", 1.0)
 
     if resume_from is not None:
+        # Every rank restores the same checkpoint; the loader state holds global counters, the
+        # same on all ranks, so each rank continues with its own share of the next global batch.
         restore(resume_from)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, run_dir / "recipe.yaml")
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from else None,
-                             trackers=trackers)
-    forward = torch.compile(model) if tcfg.compile else model
+    metrics_log: MetricsLog | dist_utils.SilentLog = dist_utils.SilentLog()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.yaml")
+        metrics_log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from else None,
+                                 trackers=trackers)
+    # `model` stays the plain module (checkpoints, evaluation, clipping, rollback all use it);
+    # `wrapped` is what the training forward goes through: DDP all-reduces gradients in backward.
+    wrapped: torch.nn.Module = model
+    ddp: DistributedDataParallel | None = None
+    if dist.enabled:  # on CPU (gloo) DDP takes no device_ids
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = ddp
+    forward = torch.compile(wrapped) if tcfg.compile else wrapped
     byte_lengths = token_byte_lengths(tokenizer)
     flops_per_token = training_flops_per_token(model_cfg, recipe.data.seq_len)
     peak = peak_flops(device)
-    tokens_per_step = train_data.tokens_per_batch * tcfg.grad_accum
+    tokens_per_step = train_data.tokens_per_batch * tcfg.grad_accum * dist.world_size
     counts = count_parameters(model_cfg)
     manifest = json.dumps(train_data.manifest(), sort_keys=True).encode()
     meta = {"stage": stage, "parent": recipe.run.init_from or None, "recipe_hash": recipe.fingerprint(),
             "data_manifest_hash": hashlib.sha256(manifest).hexdigest(),
             "smolforge_version": __version__}
-    print(f"{stage}: {format_count(counts['total'])} parameters, {tokens_per_step:,} tokens/step, "
-          f"{tcfg.max_steps} steps on {device}{' (bf16 autocast)' if use_bf16 else ''} -> {run_dir}"
-          + (f" (resuming from {resume_from.name})" if resume_from else ""))
+    if main:
+        print(f"{stage}: {format_count(counts['total'])} parameters, {tokens_per_step:,} tokens/step, "
+              f"{tcfg.max_steps} steps on {device}{' (bf16 autocast)' if use_bf16 else ''}"
+              + (f" x {dist.world_size} processes" if dist.enabled else "") + f" -> {run_dir}"
+              + (f" (resuming from {resume_from.name})" if resume_from else ""))
 
     def evaluate() -> dict[str, float]:
         if val_data is None:
@@ -359,6 +416,11 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
                                      device, autocast, recipe.data.document_masking)
 
     def save(final: bool, metrics: dict[str, float]) -> Path:
+        """Rank 0 writes the checkpoint; the others wait until it is complete (a rollback may
+        read it next) and get its path."""
+        if not main:
+            dist_utils.barrier()
+            return run_dir / "checkpoints" / ckpt.checkpoint_name(step)
         state = {"step": step, "optimizer": optimizer.state_dict(), "loader": train_data.state_dict(),
                  "rng": rng_state(), "tokens": total_tokens, "lr_scale": lr_scale}
         info = {**meta, "step": step, "metrics": metrics}
@@ -378,10 +440,14 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
             writer(run_dir / "final", weights, tokenizer, meta=info)
             if lora is not None:
                 save_adapter(run_dir / "adapter", model, lora, recipe.run.init_from or None)
+        dist_utils.barrier()
         return path
 
+    def out_of_time_now() -> bool:
+        return bool(tcfg.time_limit_minutes) and time.time() - started > tcfg.time_limit_minutes * 60
+
     model.train()
-    progress = TrainProgress(total=tcfg.max_steps, start=step)
+    progress = TrainProgress(total=tcfg.max_steps, start=step) if main else dist_utils.SilentProgress()
     guard = LossGuard(tcfg.spike_factor, tcfg.spike_window, tcfg.max_bad_steps)
     last_checkpoint = resume_from
     window_loss = torch.zeros((), device=device)
@@ -395,23 +461,51 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = [train_data.next_batch() for _ in range(tcfg.grad_accum)]
+            # Real (non-padding) tokens for throughput; pretraining rows have no padding.
+            reals = [b.pop("real_tokens", None) for b in micro_batches]
+            step_tokens = sum(int(r.sum()) if r is not None else b["input_ids"].numel()
+                              for b, r in zip(micro_batches, reals))
+            weights = step_weights(micro_batches)
+            if dist.enabled:
+                # Weights are shares of the GLOBAL count, so that summed over ranks they make
+                # the single-process step loss; tokens too, for throughput and `tokens`.
+                totals = torch.tensor([sum(loss_counts(micro_batches)), float(step_tokens)],
+                                      dtype=torch.float64, device=device)
+                totals = dist_utils.all_reduce_sum(totals).cpu()
+                step_tokens = int(totals[1])
+                weights = (step_weights(micro_batches, float(totals[0])) if totals[0] > 0
+                           else [w / dist.world_size for w in weights])
+            window_tokens += step_tokens
+            total_tokens += step_tokens
             step_loss = torch.zeros((), device=device)
-            for host_batch, weight in zip(micro_batches, step_weights(micro_batches)):
-                # Real (non-padding) tokens for throughput; pretraining rows have no padding.
+            for index, (host_batch, weight, real) in enumerate(zip(micro_batches, weights, reals)):
                 host_batch.pop("step_weight", None)
-                real = host_batch.pop("real_tokens", None)
-                n_tokens = int(real.sum()) if real is not None else host_batch["input_ids"].numel()
-                window_tokens += n_tokens
-                total_tokens += n_tokens
                 batch, kwargs = model_inputs(host_batch, device, recipe.data.document_masking)
                 if is_reward:  # a reward is read at each row's last real token
                     kwargs["lengths"] = real.to(device)
-                with autocast():
-                    output = forward(batch["input_ids"], **kwargs)
-                loss, parts = objective(output, batch, tcfg)
-                # Gradients accumulate in the fp32 .grad of the fp32 master weights.
-                (loss * weight).backward()
+                # DDP all-reduces in the backward of the step's last micro-batch only; the others
+                # just accumulate locally (no_sync), which gives the same sum with one reduction.
+                last_micro = index == len(micro_batches) - 1
+                sync = ddp.no_sync() if ddp is not None and not last_micro else nullcontext()
+                with sync:
+                    with autocast():
+                        output = forward(batch["input_ids"], **kwargs)
+                    loss, parts = objective(output, batch, tcfg)
+                    # Gradients accumulate in the fp32 .grad of the fp32 master weights. DDP
+                    # averages gradients over ranks; the wanted gradient is their SUM (each rank's
+                    # weight is already a share of the global count), hence x world_size.
+                    (loss * (weight * dist.world_size)).backward()
                 step_loss += loss.detach() * weight
+            if dist.enabled:
+                # One reduction carries the global step loss (every rank then takes the same
+                # skip / rollback decision) and the stop flags (every rank must stop at the same
+                # step, or the others would hang in the next collective).
+                flags = torch.stack([step_loss.float(), torch.tensor(float(bool(stop.requested)), device=device),
+                                     torch.tensor(float(out_of_time_now()), device=device)])
+                dist_utils.all_reduce_sum(flags)
+                step_loss, stop_any, time_up = flags[0], bool(flags[1] > 0), bool(flags[2] > 0)
+            else:
+                stop_any, time_up = bool(stop.requested), out_of_time_now()
             verdict, problem = guard.check(step_loss.item())
             if verdict != "ok":  # a bad batch: no update; repeated: back to the last checkpoint
                 optimizer.zero_grad(set_to_none=True)
@@ -438,7 +532,7 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
             step += 1
             window_steps += 1
             last_step = step == tcfg.max_steps
-            out_of_time = tcfg.time_limit_minutes and time.time() - started > tcfg.time_limit_minutes * 60
+            out_of_time = time_up
             if step % tcfg.log_every == 0 or last_step or out_of_time:
                 elapsed = time.time() - window_start
                 loss_value = (window_loss / window_steps).item()
@@ -465,9 +559,9 @@ def train(recipe: PretrainRecipe, resume: bool = False, stage: str = "pretrain")
                 save(final=True, metrics=last_metrics)
                 finished = True
                 break
-            if stop.requested:  # SIGTERM / SIGINT: this step is done; keep it and leave cleanly
+            if stop_any:  # SIGTERM / SIGINT: this step is done; keep it and leave cleanly
                 last_checkpoint = save(final=False, metrics=last_metrics)
-                metrics_log.write({"step": step, "event": "stopped", "signal": stop.requested})
+                metrics_log.write({"step": step, "event": "stopped", "signal": stop.requested or "peer rank"})
                 interrupted = True
                 break
             if tcfg.save_every and step % tcfg.save_every == 0:
