@@ -52,61 +52,61 @@ class DataConfig(Section):
     document_masking: bool = Field(True, description="Attend only within each packed document (playbook ch. 04).")
 
 
-class SFTSourceConfig(Section):
-    path: str = Field(description="A .jsonl / .json / .parquet file (or directory or glob of them) of conversations.")
-    format: Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion"] = Field(
-        "auto", description="Record format; auto detects it from the keys of each record.")
-    weight: float | None = Field(None, gt=0, description="Share of training tokens from this source "
-                                 "(tokens, not examples); unset on every source = each example once per epoch.")
+class ChatSourceConfig(Section):
+    path: str = Field(description="A .jsonl / .json / .parquet file (or directory or glob of them).")
     name: str = Field("", description="Label used in logs and tables; default = the file name.")
     chat_template_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Template switches for this source, e.g. {enable_thinking: false}.")
 
 
-class SFTDataConfig(Section):
-    """Conversations, chat template, sequence length and packing for `smolforge sft`."""
+class SFTSourceConfig(ChatSourceConfig):
+    """A file of conversations."""
+
+    format: Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion"] = Field(
+        "auto", description="Record format; auto detects it from the keys of each record.")
+    weight: float | None = Field(None, gt=0, description="Share of training tokens from this source "
+                                 "(tokens, not examples); unset on every source = each example once per epoch.")
+
+
+class PreferenceSourceConfig(ChatSourceConfig):
+    """A file of prompt/chosen/rejected records."""
+
+
+class ChatDataConfig(Section):
+    """What the chat stages (SFT, preference) share: tokenizer, template, length, validation."""
 
     tokenizer: str = Field("", description="Tokenizer directory; empty = the one of run.init_from.")
-    train: list[SFTSourceConfig] = Field(default_factory=list, description="Training sources, mixed by token weight.")
-    val: list[SFTSourceConfig] = Field(default_factory=list, description="Validation sources; empty = hold out val_fraction.")
-    val_fraction: float = Field(0.02, ge=0, lt=1, description="Share of training examples held out for validation when val is empty.")
+    val_fraction: float = Field(0.02, ge=0, lt=1, description="Share of training records held out for validation when val is empty.")
     template: str = Field("auto", description="Chat template: auto (the tokenizer's own, else smollm3), chatml, smollm3, tokenizer, or a .jinja path.")
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="Template switches for every source (a source's own win).")
-    seq_len: int = Field(2048, gt=1, description="Maximum tokens per training row (the playbook's max_length).")
-    packing: Literal["none", "bfd", "wrapped"] = Field(
-        "none", description="none = one conversation per row; bfd = best-fit-decreasing bin packing of whole "
-                            "conversations; wrapped = concatenate and cut (splits conversations).")
+    seq_len: int = Field(2048, gt=1, description="Maximum tokens per sequence (the playbook's max_length).")
     truncation: Literal["truncate", "drop", "error"] = Field(
-        "truncate", description="Conversations longer than seq_len: cut at seq_len, drop them, or stop with an error.")
-    document_masking: bool = Field(True, description="Attend only within each packed conversation.")
+        "truncate", description="Sequences longer than seq_len: cut at seq_len (the response end), drop them, or stop with an error.")
+    document_masking: bool = Field(True, description="Attend only within each packed sequence.")
     skip_invalid: bool = Field(False, description="Skip (and count) malformed records instead of stopping.")
 
 
-class PreferenceSourceConfig(Section):
-    path: str = Field(description="A .jsonl / .json / .parquet file (or directory or glob) of prompt/chosen/rejected records.")
-    name: str = Field("", description="Label used in logs; default = the file name.")
-    chat_template_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Template switches for this source, e.g. {enable_thinking: false}.")
+class SFTDataConfig(ChatDataConfig):
+    """Conversations, chat template, sequence length and packing for `smolforge sft`."""
+
+    train: list[SFTSourceConfig] = Field(default_factory=list, description="Training sources, mixed by token weight.")
+    val: list[SFTSourceConfig] = Field(default_factory=list, description="Validation sources; empty = hold out val_fraction.")
+    packing: Literal["none", "bfd", "wrapped"] = Field(
+        "none", description="none = one conversation per row; bfd = best-fit-decreasing bin packing of whole "
+                            "conversations; wrapped = concatenate and cut (splits conversations).")
 
 
-class PreferenceDataConfig(Section):
+class PreferenceDataConfig(ChatDataConfig):
     """Preference pairs, chat template, length and the reference model for `smolforge dpo`."""
 
-    tokenizer: str = Field("", description="Tokenizer directory; empty = the one of run.init_from.")
     train: list[PreferenceSourceConfig] = Field(default_factory=list, description="Training sources of preference pairs.")
     val: list[PreferenceSourceConfig] = Field(default_factory=list, description="Validation sources; empty = hold out val_fraction.")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of training pairs held out for validation when val is empty.")
-    template: str = Field("auto", description="Chat template: auto (the tokenizer's own, else smollm3), chatml, smollm3, tokenizer, or a .jinja path.")
-    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="Template switches for every source (a source's own win).")
     seq_len: int = Field(1024, gt=1, description="Maximum tokens of prompt + response per sequence.")
-    truncation: Literal["truncate", "drop", "error"] = Field(
-        "truncate", description="Sequences over seq_len: cut the response end, drop the pair, or stop with an error.")
     reference_model: str = Field("", description="Reference checkpoint; empty = run.init_from (the model before this stage).")
     reference: Literal["cached", "online"] = Field(
         "cached", description="cached = reference log-probs computed once before training and stored in the run; "
                               "online = the reference model stays in memory and scores every batch.")
-    document_masking: bool = Field(True, description="Kept for the loop; preference rows hold one sequence each.")
-    skip_invalid: bool = Field(False, description="Skip (and count) malformed records instead of stopping.")
 
 
 class TrainConfig(Section):

@@ -17,10 +17,9 @@ docs/benchmarks.md). Either way batches carry `ref_logps`, and the training loop
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from smolforge.chat.render import IGNORE_INDEX, render_for_training, render_messages
 from smolforge.data.packing import collate, pack_row
-from smolforge.data.sft import SHOWN_LOCATIONS, resolve_template
+from smolforge.data.sft import SHOWN_LOCATIONS, EpochLoader, resolve_template
 from smolforge.data.sources import ReadStats, expand_paths, iter_records
 from smolforge.errors import SmolforgeError
 from smolforge.train.preference import reference_logps
@@ -186,35 +185,27 @@ def render_source(source: Any, tokenizer: Any, template: str, seq_len: int, trun
 # ---- reference log-probs ---------------------------------------------------------------------------
 
 
-class PreferenceLoader:
+class PreferenceLoader(EpochLoader):
     """Micro-batches of `batch_size` pairs: rows [0, B) chosen, [B, 2B) rejected, plus `ref_logps`.
 
-    Same interface as the SFT loader (`next_batch`, `state_dict`, `epochs_seen`, `iter_eval`,
-    `steps_per_epoch`, `manifest`), so the one training loop runs preference stages unchanged.
+    The SFT loader's epoch bookkeeping (`EpochLoader`), so the one training loop runs preference
+    stages unchanged.
     """
-
-    trim_padding = True
 
     def __init__(self, pairs: Sequence[RenderedPair], seq_len: int, batch_size: int, pad_id: int,
                  seed: int = 0, manifest: list[dict[str, Any]] | None = None) -> None:
         if not pairs:
             raise SmolforgeError("no preference pairs to train on")
-        self.pairs, self.seq_len, self.batch_size = list(pairs), seq_len, batch_size
-        self.pad_id, self.seed = pad_id, seed
+        self.pairs, self.seq_len, self.pad_id = list(pairs), seq_len, pad_id
         self.tokens_per_batch = 2 * batch_size * seq_len
         self.ref_logps: torch.Tensor | None = None  # (n_pairs, 2) when cached
         self.ref_model: torch.nn.Module | None = None  # when computed online
         self.kto = False  # add `kto_desirable` flags (the "kto" objective)
         self.device = torch.device("cpu")
-        self._manifest = manifest or []
-        self.epoch, self.position = 0, 0
-        self._order = self._shuffled(0)
+        super().__init__(batch_size, seed, manifest)
 
     def __len__(self) -> int:
         return len(self.pairs)
-
-    def _shuffled(self, epoch: int) -> list[int]:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs)).tolist()
 
     def rows(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """The batch of pairs `indices` without reference log-probs."""
@@ -240,37 +231,8 @@ class PreferenceLoader:
                                                      batch["labels"].to(self.device)).cpu()
         return batch
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        picked = []
-        while len(picked) < self.batch_size:
-            if self.position == len(self._order):
-                self.epoch += 1
-                self.position = 0
-                self._order = self._shuffled(self.epoch)
-            picked.append(self._order[self.position])
-            self.position += 1
-        return self._batch(picked)
-
-    def steps_per_epoch(self, grad_accum: int) -> float:
-        return len(self.pairs) / (self.batch_size * grad_accum)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._shuffled(self.epoch)
-
     def epochs_seen(self) -> dict[str, float]:
-        return {"pairs": self.epoch + self.position / len(self.pairs)}
-
-    def iter_eval(self, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        count = math.ceil(len(self.pairs) / self.batch_size)
-        for b in range(min(count, max_batches) if max_batches else count):
-            yield self._batch(range(b * self.batch_size, min((b + 1) * self.batch_size, len(self.pairs))))
-
-    def manifest(self) -> list[dict[str, Any]]:
-        return self._manifest
+        return {"pairs": self.epochs_done()}
 
     def fingerprint(self) -> str:
         """Hash of the rendered pairs: a cached reference must belong to exactly this data."""

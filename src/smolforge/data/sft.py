@@ -307,13 +307,65 @@ def mix_sources(sources: Sequence[SourceData], seed: int) -> tuple[list[SFTExamp
 # ---- 4. batches ----------------------------------------------------------------------------------
 
 
-class SFTLoader:
-    """Micro-batches of packed rows: `input_ids`, shifted `labels`, `position_ids`, `document_ids`
-    (the keys of pretraining batches) plus `real_tokens` (non-padding tokens per row).
+class EpochLoader:
+    """The epoch bookkeeping shared by SFT and preference loaders (subclasses give `__len__` and
+    `_batch(indices)`).
 
-    Rows are reshuffled every epoch with a seed derived from (seed, epoch); the state is two
+    Items are reshuffled every epoch with a seed derived from (seed, epoch); the state is two
     counters, so a resumed run continues with the exact batches it would have seen.
     """
+
+    def __init__(self, batch_size: int, seed: int, manifest: list[dict[str, Any]] | None) -> None:
+        self.batch_size, self.seed = batch_size, seed
+        self._manifest = manifest or []
+        self.epoch, self.position = 0, 0
+        self._order = self._shuffled(0)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self)).tolist()
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        picked = []
+        while len(picked) < self.batch_size:
+            if self.position == len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._shuffled(self.epoch)
+            picked.append(self._order[self.position])
+            self.position += 1
+        return self._batch(picked)
+
+    def steps_per_epoch(self, grad_accum: int) -> float:
+        return len(self) / (self.batch_size * grad_accum)
+
+    def epochs_done(self) -> float:
+        return self.epoch + self.position / len(self)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._shuffled(self.epoch)
+
+    def iter_eval(self, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        count = math.ceil(len(self) / self.batch_size)
+        for b in range(min(count, max_batches) if max_batches else count):
+            yield self._batch(range(b * self.batch_size, min((b + 1) * self.batch_size, len(self))))
+
+    def manifest(self) -> list[dict[str, Any]]:
+        return self._manifest
+
+
+class SFTLoader(EpochLoader):
+    """Micro-batches of packed rows: `input_ids`, shifted `labels`, `position_ids`, `document_ids`
+    (the keys of pretraining batches) plus `real_tokens` (non-padding tokens per row)."""
 
     trim_padding = True  # cut all-padding columns per batch; benchmarks switch it off for a baseline
 
@@ -336,12 +388,10 @@ class SFTLoader:
             raise SmolforgeError(f"packing ({packing}) failed: {exc}") from None
         if not self.row_tokens:
             raise SmolforgeError("no SFT examples to train on")
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.seq_len = seq_len
         self.tokens_per_batch = batch_size * seq_len  # upper bound; real counts come per batch
         self.source_epochs = source_epochs or {}
-        self._manifest = manifest or []
-        self.epoch, self.position = 0, 0
-        self._order = self._shuffled(0)
+        super().__init__(batch_size, seed, manifest)
 
     def __len__(self) -> int:
         return len(self.row_tokens)
@@ -350,9 +400,6 @@ class SFTLoader:
     def padding_fraction(self) -> float:
         """Share of the rows' seq_len slots that hold padding (before per-batch trimming)."""
         return 1 - sum(self.row_tokens) / (len(self.row_tokens) * self.seq_len)
-
-    def _shuffled(self, epoch: int) -> list[int]:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self)).tolist()
 
     def _batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         rows = [self._row(k) for k in indices]
@@ -364,38 +411,8 @@ class SFTLoader:
         batch["real_tokens"] = torch.tensor([row.n_real_tokens for row in rows], dtype=torch.int64)
         return batch
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        picked = []
-        while len(picked) < self.batch_size:
-            if self.position == len(self._order):
-                self.epoch += 1
-                self.position = 0
-                self._order = self._shuffled(self.epoch)
-            picked.append(self._order[self.position])
-            self.position += 1
-        return self._batch(picked)
-
-    def steps_per_epoch(self, grad_accum: int) -> float:
-        return len(self) / (self.batch_size * grad_accum)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._shuffled(self.epoch)
-
     def epochs_seen(self) -> dict[str, float]:
-        done = self.epoch + self.position / len(self)
-        return {name: done * per_epoch for name, per_epoch in self.source_epochs.items()}
-
-    def iter_eval(self, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        count = math.ceil(len(self) / self.batch_size)
-        for b in range(min(count, max_batches) if max_batches else count):
-            yield self._batch(range(b * self.batch_size, min((b + 1) * self.batch_size, len(self))))
-
-    def manifest(self) -> list[dict[str, Any]]:
-        return self._manifest
+        return {name: self.epochs_done() * per_epoch for name, per_epoch in self.source_epochs.items()}
 
 
 def source_manifest(data: SourceData, path: str) -> dict[str, Any]:
