@@ -128,12 +128,8 @@ def run(args: argparse.Namespace) -> int:
 
     print("[4/6] sft: smol tasks with /think and /no_think" + ("" if args.sft_max_steps else
                                                               " (about 3 minutes on 2 CPU cores)"))
-    sft_overrides = {"run.dir": str(run_dir), "run.init_from": str(result.final_checkpoint),
-                     "train.device": args.device,
-                     "data.train": [{"path": str(data_dir / "sft-train.jsonl"), "name": "smol-tasks"}]}
-    if args.sft_max_steps is not None:
-        sft_overrides.update({"train.epochs": 0, "train.max_steps": args.sft_max_steps,
-                              "train.warmup_steps": min(args.sft_max_steps, 10)})
+    sft_overrides = stage_overrides(run_dir, result.final_checkpoint, data_dir / "sft-train.jsonl", "smol-tasks",
+                                    args.device, args.sft_max_steps, warmup=10)
     sft = train(load_recipe(bundled_recipe("quickstart-sft.yaml"), sft_overrides, SFTRecipe), stage="sft")
 
     print("[5/6] evaluation: held-out smol tasks, greedy, per reasoning mode")
@@ -150,12 +146,8 @@ def run(args: argparse.Namespace) -> int:
     dpo = after = None
     if len(pairs) >= 16:  # too few pairs to learn from would only add noise
         write_jsonl(pairs, data_dir / "pairs.jsonl")
-        dpo_overrides = {"run.dir": str(run_dir), "run.init_from": str(sft.final_checkpoint),
-                         "train.device": args.device,
-                         "data.train": [{"path": str(data_dir / "pairs.jsonl"), "name": "on-policy"}]}
-        if args.dpo_max_steps is not None:
-            dpo_overrides.update({"train.epochs": 0, "train.max_steps": args.dpo_max_steps,
-                                  "train.warmup_steps": min(args.dpo_max_steps, 5)})
+        dpo_overrides = stage_overrides(run_dir, sft.final_checkpoint, data_dir / "pairs.jsonl", "on-policy",
+                                        args.device, args.dpo_max_steps, warmup=5)
         dpo = train(load_recipe(bundled_recipe("quickstart-dpo.yaml"), dpo_overrides, DPORecipe), stage="dpo")
         dpo_model, dpo_tok = load_model(dpo.final_checkpoint)
         after = evaluate_smol_tasks(Engine(dpo_model, dpo_tok), dpo_tok.chat_template, held_out)
@@ -187,6 +179,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"done in {total:.0f}s: report {run_dir / 'report.md'}, models {result.final_checkpoint} "
           f"(pretrained) and {sft.final_checkpoint} (SFT)")
     return 0
+
+
+def stage_overrides(run_dir: Path, init_from: Path, data: Path, name: str, device: str,
+                    max_steps: int | None, warmup: int) -> dict[str, Any]:
+    """A post-training stage's recipe overrides: its input model and data, and a step cap if asked."""
+    overrides = {"run.dir": str(run_dir), "run.init_from": str(init_from), "train.device": device,
+                 "data.train": [{"path": str(data), "name": name}]}
+    if max_steps is not None:
+        overrides.update({"train.epochs": 0, "train.max_steps": max_steps,
+                          "train.warmup_steps": min(max_steps, warmup)})
+    return overrides
 
 
 def sft_tasks(n_train: int, n_eval: int, n_pairs: int, generate: Any) -> tuple[list[dict], list[dict], list[dict]]:
