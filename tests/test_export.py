@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_hf_compat import HF_CASES, VOCAB, _save_hf, hf_model_from, padded_batch, tokenizer  # noqa: F401
+from test_hf_compat import HF_CASES, VOCAB, _save_hf, hf_model_from, padded_batch
 
 from smolforge.cli import main
 from smolforge.config import load_recipe
@@ -24,7 +24,7 @@ gguf = pytest.importorskip("gguf")
 
 
 @pytest.fixture(scope="module")
-def shards(tokenizer, tmp_path_factory):  # noqa: F811 (the fixture imported above)
+def shards(tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     tokenizer.save(root / "tok")
     (root / "text.txt").write_text("the lazy dog 12 jumps over the quick brown fox 345\n" * 300)
@@ -33,7 +33,7 @@ def shards(tokenizer, tmp_path_factory):  # noqa: F811 (the fixture imported abo
 
 
 @pytest.mark.parametrize("case", list(HF_CASES))
-def test_fine_tuned_import_exports_to_transformers_with_equal_logits(case, tokenizer, shards, tmp_path):  # noqa: F811
+def test_fine_tuned_import_exports_to_transformers_with_equal_logits(case, tokenizer, shards, tmp_path):
     """save_pretrained -> 3 training steps in smolforge -> export -> transformers: same logits."""
     arch, extra = HF_CASES[case]
     _save_hf(tmp_path, tokenizer, arch, **extra)
@@ -57,7 +57,7 @@ def test_fine_tuned_import_exports_to_transformers_with_equal_logits(case, token
     assert transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"] == tokenizer.encode(text)
 
 
-def test_export_hf_in_bf16_keeps_lineage_and_loads_everywhere(tokenizer, tmp_path):  # noqa: F811
+def test_export_hf_in_bf16_keeps_lineage_and_loads_everywhere(tokenizer, tmp_path):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**{**debug().model_dump(), "vocab_size": VOCAB, "qk_norm": True}))
     src = save_checkpoint(tmp_path / "sft", model, tokenizer,
@@ -77,7 +77,7 @@ def test_export_hf_in_bf16_keeps_lineage_and_loads_everywhere(tokenizer, tmp_pat
     assert info["parameters"]["total"] == sum(p.numel() for p in model.parameters())
 
 
-def test_inspect_prints_what_the_issue_lists(tokenizer, tmp_path, capsys):  # noqa: F811
+def test_inspect_prints_what_the_issue_lists(tokenizer, tmp_path, capsys):
     from smolforge.chat.render import load_template
 
     tokenizer.chat_template = load_template("chatml")
@@ -97,7 +97,7 @@ def test_inspect_prints_what_the_issue_lists(tokenizer, tmp_path, capsys):  # no
     assert main(["inspect", str(tmp_path / "nothing")]) == 2
 
 
-def test_export_refusals_and_bad_arguments(tokenizer, tmp_path):  # noqa: F811
+def test_export_refusals_and_bad_arguments(tokenizer, tmp_path):
     moe = Transformer(ModelConfig(**{**debug().model_dump(), "vocab_size": VOCAB, "n_experts": 4,
                                      "qk_norm": True, "moe_intermediate_size": 32}))
     src = save_checkpoint(tmp_path / "moe", moe, tokenizer)
@@ -126,7 +126,7 @@ def test_interleaving_rope_rows_turns_rotate_half_into_adjacent_pairs():
 
 
 @pytest.mark.parametrize("dtype, atol", [("f32", 0), ("f16", 2e-3), ("bf16", 1e-2), ("q8_0", 2e-2)])
-def test_gguf_file_holds_every_tensor_and_the_tokenizer(dtype, atol, tokenizer, tmp_path):  # noqa: F811
+def test_gguf_file_holds_every_tensor_and_the_tokenizer(dtype, atol, tokenizer, tmp_path):
     from gguf.quants import dequantize
 
     torch.manual_seed(0)
@@ -163,7 +163,7 @@ LLAMA3_STYLE = (
     "{% if add_generation_prompt %}<|im_start|>ASSISTANT: {% endif %}")
 
 
-def test_an_imported_tokenizers_chat_template_is_kept_and_used(tokenizer, tmp_path):  # noqa: F811
+def test_an_imported_tokenizers_chat_template_is_kept_and_used(tokenizer, tmp_path):
     from smolforge.chat.render import render_for_training, render_messages
     from smolforge.data.sft import resolve_template
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 
 import pytest
 import torch
@@ -13,21 +12,11 @@ from safetensors import safe_open
 from smolforge.errors import SmolforgeError
 from smolforge.interop import hf as adapters
 from smolforge.model import ModelConfig, Transformer, debug
-from smolforge.tokenizer import train_tokenizer
 from smolforge.train.checkpoint import load_model, save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 384
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tok")
-    (root / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog 0123456789\n" * 200)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tiny corpus yields fewer merges than asked for
-        return train_tokenizer([root / "corpus.txt"], vocab_size=VOCAB)
 
 
 def tiny(**changes) -> ModelConfig:

@@ -14,7 +14,6 @@ from torch import nn
 from smolforge.cli import build_parser, main
 from smolforge.errors import SmolforgeError
 from smolforge.model import ModelConfig, Transformer, debug
-from smolforge.tokenizer import train_tokenizer
 from smolforge.train.checkpoint import load_model, read_meta, save_checkpoint
 from smolforge.train.lora import (
     DEFAULT_TARGETS,
@@ -35,15 +34,6 @@ peft = pytest.importorskip("peft")
 
 VOCAB = 384
 SETTINGS = LoraSettings(r=4, alpha=8.0)  # scaling 2, so a missing alpha / r shows in the logits
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tok")
-    (root / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog 0123456789\n" * 200)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tiny corpus yields fewer merges than asked for
-        return train_tokenizer([root / "corpus.txt"], vocab_size=VOCAB)
 
 
 def tiny(**changes) -> ModelConfig:

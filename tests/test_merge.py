@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from smolforge.cli import main
 from smolforge.errors import SmolforgeError
 from smolforge.lab.merge import merge_linear, merge_slerp, merge_ties
 from smolforge.model import ModelConfig, Transformer, debug
-from smolforge.tokenizer import train_tokenizer
 from smolforge.train.checkpoint import load_model, read_meta, save_checkpoint
 
 VOCAB = 384
@@ -109,15 +107,6 @@ def test_mismatched_states_name_the_tensor_and_the_inputs():
 
 
 # --- checkpoints through the CLI -----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tok")
-    (root / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog 0123456789\n" * 200)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tiny corpus yields fewer merges than asked for
-        return train_tokenizer([root / "corpus.txt"], vocab_size=VOCAB)
 
 
 def tiny(**changes) -> ModelConfig:
