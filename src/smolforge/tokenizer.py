@@ -32,7 +32,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from smolforge.data.sources import ReadStats, iter_corpus
+from smolforge.data.sources import ReadStats, iter_corpus, read_json_object
 from smolforge.errors import SmolforgeError, where
 
 SPECIAL_TOKENS: list[str] = [
@@ -63,16 +63,6 @@ def _token_content(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SmolforgeError(f"{where(path, exc.lineno)}: malformed JSON ({exc.msg}).") from None
-    if not isinstance(data, dict):
-        raise SmolforgeError(f"{path}: expected a JSON object, got {type(data).__name__}.")
-    return data
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -134,9 +124,9 @@ class Tokenizer:
             raise SmolforgeError(f"{file}: not a valid tokenizer.json ({exc}).") from None
 
         config_path = directory / "tokenizer_config.json"
-        config = _read_json(config_path) if config_path.is_file() else {}
+        config = read_json_object(config_path) if config_path.is_file() else {}
         map_path = directory / "special_tokens_map.json"
-        special_map = _read_json(map_path) if map_path.is_file() else {}
+        special_map = read_json_object(map_path) if map_path.is_file() else {}
 
         def special(name: str, default: str | None) -> str | None:
             if name in config:

@@ -41,6 +41,19 @@ class ReadStats:
     skipped: int = 0  # invalid lines / rows skipped because skip_invalid=True
 
 
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON file holding one object (a config or metadata file), or an error naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        line = f" at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise SmolforgeError(f"{path} is corrupt: malformed JSON{line} ({exc})") from None
+    if not isinstance(data, dict):
+        raise SmolforgeError(f"{path} is corrupt: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _supported_list() -> str:
     return ", ".join(SUPPORTED_SUFFIXES)
 
@@ -246,35 +259,16 @@ def iter_records(path: str | Path, stats: ReadStats | None = None,
                              f"records; use .jsonl, .json or .parquet.")
 
 
-def _iter_json_lines(
+def _iter_json_texts(
     path: Path, text_field: str, stats: ReadStats | None, skip_invalid: bool
 ) -> Iterator[str]:
-    for location, record in _json_lines(path, stats, skip_invalid):
+    """The text field of every record of a .jsonl or .json file (array or JSON Lines)."""
+    for location, record in iter_records(path, stats, skip_invalid):
         text, problem = _text_of_record(record, location, text_field)
         if text is None:
             _invalid(problem, stats, skip_invalid)
             continue
         yield _yield(text, stats)
-
-
-def _iter_json_array(
-    path: Path, text_field: str, stats: ReadStats | None, skip_invalid: bool
-) -> Iterator[str]:
-    for location, record in _json_array(path, stats):
-        text, problem = _text_of_record(record, location, text_field)
-        if text is None:
-            _invalid(problem, stats, skip_invalid)
-            continue
-        yield _yield(text, stats)
-
-
-def _iter_json(
-    path: Path, text_field: str, stats: ReadStats | None, skip_invalid: bool
-) -> Iterator[str]:
-    if _is_json_array(path):
-        yield from _iter_json_array(path, text_field, stats, skip_invalid)
-    else:
-        yield from _iter_json_lines(path, text_field, stats, skip_invalid)
 
 
 def _iter_parquet(
@@ -322,9 +316,9 @@ def iter_documents(
     if suffix == ".txt":
         yield _yield(_decode(path.read_bytes(), stats), stats)
     elif suffix == ".jsonl":
-        yield from _iter_json_lines(path, text_field, stats, skip_invalid)
+        yield from _iter_json_texts(path, text_field, stats, skip_invalid)
     elif suffix == ".json":
-        yield from _iter_json(path, text_field, stats, skip_invalid)
+        yield from _iter_json_texts(path, text_field, stats, skip_invalid)
     elif suffix == ".parquet":
         yield from _iter_parquet(path, text_field, stats, skip_invalid)
     else:

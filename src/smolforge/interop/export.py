@@ -9,12 +9,12 @@ before writing anything, a model that their target cannot express, naming the fe
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
 import torch
 
+from smolforge.data.sources import read_json_object
 from smolforge.errors import SmolforgeError
 
 HF_DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -56,14 +56,7 @@ def export_model(source: str | Path, out: str | Path, fmt: str = "hf", dtype: st
     generation = Path(str(source)) / "generation_config.json"
     return save_checkpoint(out, model, tokenizer, meta=meta, dtype=HF_DTYPES[dtype],
                            max_shard_bytes=parse_size(max_shard_size),
-                           generation_config=_read_json(generation) if generation.is_file() else None)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SmolforgeError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+                           generation_config=read_json_object(generation) if generation.is_file() else None)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -35,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from smolforge import __version__
+from smolforge.data.sources import read_json_object
 from smolforge.errors import SmolforgeError
 from smolforge.interop import hf
 from smolforge.interop.hub import resolve_model_path
@@ -252,13 +253,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     file = Path(path) / META_FILE
     if not file.is_file():
         return {}
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SmolforgeError(f"{file} is corrupt (not valid JSON: {exc})") from None
-    if not isinstance(meta, dict):
-        raise SmolforgeError(f"{file} is corrupt (expected a JSON object)")
-    return meta
+    return read_json_object(file)
 
 
 def verify_checkpoint(directory: str | Path) -> None:

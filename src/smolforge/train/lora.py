@@ -41,6 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from smolforge.data.sources import read_json_object
 from smolforge.errors import SmolforgeError, where
 from smolforge.model import Transformer
 from smolforge.train.checkpoint import _exchange, _fsync_dir, _fsync_tree
@@ -291,12 +292,7 @@ def _adapter_files(directory: str | Path) -> tuple[Path, Path]:
 def read_adapter_config(directory: str | Path) -> tuple[LoraSettings, str | None]:
     """(settings, base_model_name_or_path) from a PEFT adapter directory, or a SmolforgeError."""
     file, _ = _adapter_files(directory)
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SmolforgeError(f"{file} is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise SmolforgeError(f"{file} is corrupt (expected a JSON object)")
+    config = read_json_object(file)
     if config.get("peft_type") != "LORA":
         raise SmolforgeError(f"{where(file, field='peft_type')}: {config.get('peft_type')!r}; "
                              f"smolforge reads LoRA adapters only ('LORA')")
