@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from smolforge.chat.render import load_template, render_for_training, render_mes
 from smolforge.cli import main
 from smolforge.data.check import check_sft_data, reasoning_mode
 from smolforge.data.synth import generate, write_jsonl
-from smolforge.tokenizer import Tokenizer, train_tokenizer
+from smolforge.tokenizer import Tokenizer
 
 # A copy of ../shared/data/sharegpt-dummy (Apache-2.0, see its SOURCE.txt), so CI needs no ../shared.
 SHAREGPT = Path(__file__).parent / "data" / "sharegpt-dummy" / "dummy_conversation.json"
@@ -36,16 +35,10 @@ END_ONLY = LOSSY.replace('{{ message.content ~ "<|im_end|>" }}{%- endif -%}',
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> tuple[Tokenizer, str]:
+def tok(synth_tokenizer, tmp_path_factory) -> tuple[Tokenizer, str]:
     root = tmp_path_factory.mktemp("tok")
-    samples = generate("all", 300, seed=1)
-    text = "\n".join(m["content"] + m.get("reasoning_content", "") for s in samples for m in s["messages"])
-    (root / "corpus.txt").write_text(text * 3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tokenizer = train_tokenizer([root / "corpus.txt"], vocab_size=512)
-    tokenizer.save(root / "tokenizer")
-    return tokenizer, str(root / "tokenizer")
+    synth_tokenizer.save(root / "tokenizer")
+    return synth_tokenizer, str(root / "tokenizer")
 
 
 def write_lines(path: Path, records: list) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from smolforge.data.synth import check_response, generate, thinking_honoured, wr
 from smolforge.engine import Completion, Engine, SamplingParams
 from smolforge.errors import SmolforgeError
 from smolforge.model import ModelConfig, Transformer, debug
-from smolforge.tokenizer import Tokenizer, train_tokenizer
+from smolforge.tokenizer import Tokenizer
 from smolforge.train.checkpoint import load_model, save_checkpoint
 
 TODAY = {"today": "01 May 2025"}  # the smollm3 system block shows the date: pin it for comparisons
@@ -26,14 +25,8 @@ PARAMS = SamplingParams(max_new_tokens=32, temperature=0.8, top_p=0.95)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory) -> Tokenizer:
-    root = tmp_path_factory.mktemp("tok")
-    samples = generate("all", 300, seed=1)
-    text = "\n".join(m["content"] + m.get("reasoning_content", "") for s in samples for m in s["messages"])
-    (root / "corpus.txt").write_text(text * 3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return train_tokenizer([root / "corpus.txt"], vocab_size=512)
+def tokenizer(synth_tokenizer) -> Tokenizer:
+    return synth_tokenizer
 
 
 @pytest.fixture(scope="module")

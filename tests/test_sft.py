@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from smolforge.data.sft import (
 from smolforge.data.synth import generate, write_jsonl
 from smolforge.errors import SmolforgeError
 from smolforge.model import ModelConfig, Transformer, debug
-from smolforge.tokenizer import Tokenizer, train_tokenizer
+from smolforge.tokenizer import Tokenizer
 from smolforge.train.checkpoint import load_model, save_checkpoint
 from smolforge.train.loop import step_weights, train
 from smolforge.train.objectives import IGNORE_INDEX
@@ -34,14 +33,8 @@ SHAREGPT = Path(__file__).parent / "data" / "sharegpt-dummy" / "dummy_conversati
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory) -> Tokenizer:
-    root = tmp_path_factory.mktemp("tok")
-    samples = generate("all", 300, seed=1)
-    text = "\n".join(m["content"] + m.get("reasoning_content", "") for s in samples for m in s["messages"])
-    (root / "corpus.txt").write_text(text * 3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return train_tokenizer([root / "corpus.txt"], vocab_size=512)
+def tokenizer(synth_tokenizer) -> Tokenizer:
+    return synth_tokenizer
 
 
 def write_lines(path: Path, records: list) -> Path:
