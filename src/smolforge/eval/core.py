@@ -1,0 +1,101 @@
+"""What every evaluation task shares: the context it runs in, the result it returns, the registry.
+
+A task is a function `run(ctx: EvalContext) -> TaskResult` in its own module; `TASKS` maps the
+name a user types (`smolforge eval CKPT --tasks gsm8k,ifeval`) to "module:function", so the
+runner imports only the tasks asked for (ifeval's checker, math-verify and lm-eval stay out of
+the import path of the others).
+
+The rules the playbook sets for scoring (ch. "evals before everything") hold for every task:
+generative answers are scored with any `<think>` block stripped (`smolforge.data.synth.
+strip_thinking`), small sets report avg@k over `ctx.samples` draws, and a task reads only the
+split it was pointed at (validation and test are never mixed by the runner).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from smolforge.engine import Engine
+from smolforge.errors import SmolforgeError
+from smolforge.model import Transformer
+
+
+@dataclass
+class EvalContext:
+    """Everything a task may use. Tasks read their own settings from `options`."""
+
+    task: str  # the name it was asked for (multiple-choice sets share one function)
+    model: Transformer
+    tokenizer: Any  # smolforge.tokenizer.Tokenizer
+    engine: Engine
+    checkpoint: Path
+    out_dir: Path  # where eval.json, per-example samples and vibes transcripts go
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    limit: int | None = None  # evaluate only the first N examples (quick looks, tests)
+    samples: int = 1  # k of avg@k for generative tasks (k > 1 samples at `temperature`)
+    temperature: float = 0.0  # 0 = greedy; used for k > 1
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # task-specific: data path, few-shot, ...
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return self.options.get(key, default)
+
+    def data_path(self, default: Path | None = None) -> Path:
+        """The task's data file: `options["data"]`, else `default`; a clear error when neither."""
+        raw = self.options.get("data")
+        path = Path(raw) if raw else default
+        if path is None:
+            raise SmolforgeError("this task needs a data file: pass --data TASK=PATH (or `data:` "
+                                 "under the task in the eval recipe)")
+        if not path.is_file():
+            raise SmolforgeError(f"{path}: no such file (task data)")
+        return path
+
+
+@dataclass
+class TaskResult:
+    """One task's scores. `metrics` holds the headline metric first; `samples` one record per
+    example (prompt, response, target, score), written to `<task>.samples.jsonl`."""
+
+    task: str
+    metrics: dict[str, float]
+    n: int
+    seconds: float = 0.0
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. "avg@4", "3-shot"
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.n / self.seconds if self.seconds > 0 else 0.0
+
+
+TaskFn = Callable[[EvalContext], TaskResult]
+
+# name -> "module:function". Multiple-choice sets share one function and tell it apart by name.
+TASKS: dict[str, str] = {
+    "bpb": "smolforge.eval.bpb:run",
+    "arc_easy": "smolforge.eval.multiple_choice:run",
+    "arc_challenge": "smolforge.eval.multiple_choice:run",
+    "piqa": "smolforge.eval.multiple_choice:run",
+    "openbook_qa": "smolforge.eval.multiple_choice:run",
+    "hellaswag": "smolforge.eval.multiple_choice:run",
+    "mc": "smolforge.eval.multiple_choice:run",  # any {query, choices, gold} JSONL via --data
+    "gsm8k": "smolforge.eval.gsm8k:run",
+    "ifeval": "smolforge.eval.ifeval:run",
+    "thinkfollow": "smolforge.eval.thinkfollow:run",
+    "smoltasks": "smolforge.eval.smol_tasks:run",
+    "vibes": "smolforge.eval.vibes:run",
+}
+
+
+def get_task(name: str) -> TaskFn:
+    """The task function for `name`; an error listing the known tasks otherwise."""
+    if name not in TASKS:
+        raise SmolforgeError(f"unknown eval task {name!r}; known tasks: {', '.join(TASKS)}")
+    module, function = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), function)
