@@ -20,12 +20,19 @@ top-p / nucleus (Holtzman et al. 2020) -> min-p (Nguyen et al. 2024) -> draw wit
 
 The per-step loop does no Python work proportional to the vocabulary and one host sync (the
 sampled token ids, needed to check stops and to stream text).
+
+For serving, `ContinuousBatcher` runs the same steps in a background thread over a batch that
+requests join (prefilled, then merged into the running `KVCache`) and leave at any decode step,
+each with its own sampling parameters; a request's tokens do not depend on its neighbours.
 """
 
 from __future__ import annotations
 
 import argparse
+import queue
 import sys
+import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -34,7 +41,7 @@ import torch
 from torch import Tensor
 
 from smolforge.errors import SmolforgeError
-from smolforge.model import Transformer
+from smolforge.model import KVCache, Transformer
 
 
 class TokenizerLike(Protocol):
@@ -97,7 +104,7 @@ class Completion:
     prompt_tokens: list[int]
     tokens: list[int]
     text: str | None
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" ("abort" from ContinuousBatcher: cancelled or closed)
 
 
 @dataclass
@@ -223,6 +230,34 @@ class _TextStream:
         cut = len(self.pending) - hold
         text, self.pending = self.pending[:cut], self.pending[cut:]
         return text, False
+
+
+def _row_delta(token: int, stop_ids: set[int], text: _TextStream | None, last: bool) -> tuple[str, str | None]:
+    """Text to emit and finish reason (None: the row goes on) for a row's newly sampled token.
+
+    A stop token ends the row ("stop") and is not turned into text; a completed stop string ends
+    it too; otherwise the row's last allowed token (`last`) ends it with "length". Shared by
+    `Engine._decode` and `ContinuousBatcher`, so both follow one set of rules.
+    """
+    if token in stop_ids:
+        return (text.finish() if text is not None else ""), "stop"
+    piece, reason = "", None
+    if text is not None:
+        piece, hit = text.push(token)
+        reason = "stop" if hit else None
+    if reason is None and last:
+        reason = "length"
+        if text is not None:
+            piece += text.finish()
+    return piece, reason
+
+
+def _seen_tokens(prompts: list[list[int]], vocab_size: int, device: torch.device) -> Tensor:
+    """(len(prompts), V) bool: True at the tokens of each prompt (repetition penalty state)."""
+    seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+    rows = torch.tensor([i for i, p in enumerate(prompts) for _ in p], device=device)
+    seen[rows, torch.tensor([t for p in prompts for t in p], device=device)] = True
+    return seen
 
 
 # --- the engine ---------------------------------------------------------------------------------
@@ -426,9 +461,7 @@ class Engine:
             generator = torch.Generator(device=device).manual_seed(params.seed)
         seen = None  # (rows, V) bool: tokens of prompt + output, for the repetition penalty
         if params.repetition_penalty != 1.0:
-            seen = torch.zeros(n, self.model.config.vocab_size, dtype=torch.bool, device=device)
-            rows = [i for i, p in enumerate(prompts) for _ in p]
-            seen[torch.tensor(rows, device=device), torch.tensor([t for p in prompts for t in p], device=device)] = True
+            seen = _seen_tokens(prompts, self.model.config.vocab_size, device)
         texts = ([_TextStream(self.tokenizer, params.stop) for _ in prompts]
                  if self.tokenizer is not None else None)
 
@@ -446,19 +479,8 @@ class Engine:
                 seen[batch_rows, tokens] = True
             deltas, keep = [], []
             for b, (i, token) in enumerate(zip(live, tokens.tolist())):  # the step's one host sync
-                text, reason = "", None
-                if token in stop_ids:
-                    reason = "stop"
-                    if texts is not None:
-                        text = texts[i].finish()
-                else:
-                    if texts is not None:
-                        text, hit = texts[i].push(token)
-                        reason = "stop" if hit else None
-                    if reason is None and step == last_step:
-                        reason = "length"
-                        if texts is not None:
-                            text += texts[i].finish()
+                text, reason = _row_delta(token, stop_ids, texts[i] if texts is not None else None,
+                                          last=step == last_step)
                 if reason is None:
                     keep.append(b)
                 deltas.append(StreamDelta(i, [token], text, reason))
@@ -481,6 +503,308 @@ class Engine:
             else:
                 logits = self.model(tokens[:, None], position_ids=next_pos, cache=cache).logits[:, -1]
             next_pos = next_pos + 1
+
+
+# --- continuous batching --------------------------------------------------------------------------
+
+
+class GenerationError(RuntimeError):
+    """The batcher's model thread failed while this request was live; `__cause__` holds the
+    original exception (e.g. CUDA out of memory)."""
+
+
+class RequestStream:
+    """One submitted request: iterate for its `StreamDelta`s (index always 0) as they come.
+
+    Filled by the batcher's model thread, read by one consumer thread. `__next__` blocks until
+    the next delta and stops after the delta that carries the finish reason ("stop", "length",
+    or "abort" for a cancelled request or a closed batcher); it raises `GenerationError` if the
+    model thread failed.
+    """
+
+    def __init__(self, prompt: list[int], has_tokenizer: bool) -> None:
+        self.prompt = prompt
+        self._items: queue.SimpleQueue[StreamDelta | BaseException] = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self._has_tokenizer = has_tokenizer
+        self._tokens: list[int] = []
+        self._texts: list[str] = []
+        self._finish_reason: str | None = None
+        self._error: BaseException | None = None
+
+    def __iter__(self) -> RequestStream:
+        return self
+
+    def __next__(self) -> StreamDelta:
+        if self._error is not None:
+            raise GenerationError(f"generation failed in the batcher's model thread: {self._error!r}") \
+                from self._error
+        if self._finish_reason is not None:
+            raise StopIteration
+        item = self._items.get()
+        if isinstance(item, BaseException):
+            self._error = item
+            return self.__next__()
+        self._tokens += item.tokens
+        self._texts.append(item.text)
+        self._finish_reason = item.finish_reason
+        return item
+
+    def cancel(self) -> None:
+        """The client went away: the request leaves the batch at the next step (ends "abort")."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def result(self) -> Completion:
+        """Wait for the end and return the whole completion (deltas already read included);
+        raises `GenerationError` like `__next__`."""
+        for _ in self:
+            pass
+        text = "".join(self._texts) if self._has_tokenizer else None
+        return Completion(list(self.prompt), list(self._tokens), text, self._finish_reason or "abort")
+
+    # -- the model thread's side --
+    def _put(self, delta: StreamDelta) -> None:
+        self._items.put(delta)
+
+    def _abort(self) -> None:
+        self._items.put(StreamDelta(0, [], "", "abort"))
+
+    def _fail(self, error: BaseException) -> None:
+        self._items.put(error)
+
+
+@dataclass
+class _Request:
+    """A request's decoding state, owned by the model thread once admitted."""
+
+    stream: RequestStream
+    params: SamplingParams
+    stop_ids: set[int]
+    generator: torch.Generator | None
+    text: _TextStream | None
+    generated: int = 0  # tokens sampled so far
+
+    @property
+    def sampling_group(self) -> tuple:
+        """Rows with equal keys can be sampled in one `sample_tokens` call. A seeded request
+        draws from its own generator, exactly as it would alone, so it is a group of its own."""
+        p = self.params
+        if p.temperature == 0:
+            return ("greedy", p.repetition_penalty)
+        if self.generator is not None:
+            return ("seeded", id(self))
+        return ("sampled", p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty)
+
+    @property
+    def writes_left(self) -> int:
+        """KV slots this row may still fill: each sampled token is fed back unless it is the last."""
+        return self.params.max_new_tokens - self.generated - 1
+
+
+class ContinuousBatcher:
+    """One background thread runs the model; requests from any thread join the running batch at
+    the next decode step and leave it when they finish (continuous batching, Yu et al. 2022,
+    "Orca", at the granularity of whole decode steps).
+
+    Each step: cancelled rows leave; queued requests (FIFO, while fewer than `max_batch_size`
+    rows run) are prefilled together in one left-padded forward and their keys/values merged
+    into the running `KVCache` (`KVCache.merge`); every row samples one token with its own
+    parameters and generator; finished rows leave (`KVCache.select`, then `KVCache.trim` drops
+    slots no row uses); the rest decode one token in one forward. Rows keep their own position
+    ids (real tokens only), so for greedy decoding a request gets the tokens that
+    `Engine.generate([prompt], params)` gives it alone, whatever shares the batch.
+
+    No CUDA graphs here: the batch changes shape every few steps. If the model thread raises,
+    every live request's stream raises `GenerationError` and the batcher goes on serving the
+    queued and later requests with a fresh batch.
+    """
+
+    def __init__(self, engine: Engine, max_batch_size: int = 32) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self._lock = threading.Condition()
+        self._waiting: deque[_Request] = deque()  # guarded by _lock
+        self._closing = False  # guarded by _lock
+        # The running batch, owned by the model thread; row b of every tensor is _rows[b].
+        self._rows: list[_Request] = []
+        self._joining: list[_Request] = []  # admitted, not yet merged into the batch
+        self._cache: KVCache | None = None
+        self._logits: Tensor | None = None  # (B, V) each row's next-token logits
+        self._seen: Tensor | None = None  # (B, V) bool: prompt + output tokens (repetition penalty)
+        self._next_pos: Tensor | None = None  # (B, 1) position id of each row's next token
+        self._thread = threading.Thread(target=self._serve, name="smolforge-batcher", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> ContinuousBatcher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> RequestStream:
+        """Queue one prompt; return its stream. Checks the request here, in the caller's thread
+        (`Engine`'s rules: ValueError / InvalidSamplingParam), and is safe from any thread."""
+        prompt = list(prompt)
+        self.engine._check([prompt], params)
+        tokenizer = self.engine.tokenizer
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.engine.device).manual_seed(params.seed)
+        request = _Request(
+            stream=RequestStream(prompt, has_tokenizer=tokenizer is not None), params=params,
+            stop_ids=self.engine._stop_ids(params), generator=generator,
+            text=_TextStream(tokenizer, params.stop) if tokenizer is not None else None)
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("the batcher is closed")
+            self._waiting.append(request)
+            self._lock.notify()
+        return request.stream
+
+    def close(self) -> None:
+        """Stop the model thread; queued and running requests end with finish_reason "abort"."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # -- the model thread -------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        try:
+            with torch.inference_mode():
+                while self._admit():
+                    try:
+                        self._step()
+                    except Exception as exc:  # noqa: BLE001 - each live client must hear of it
+                        for request in self._rows + self._joining:
+                            request.stream._fail(exc)
+                        self._reset()
+        finally:
+            with self._lock:
+                self._closing = True
+                left = self._rows + self._joining + list(self._waiting)
+                self._waiting.clear()
+            for request in left:
+                request.stream._abort()
+            self._reset()
+
+    def _admit(self) -> bool:
+        """Wait for work; move queued requests into `_joining` while rows are free. False: close."""
+        with self._lock:
+            while not self._closing and not self._rows and not self._waiting:
+                self._lock.wait()
+            if self._closing:
+                return False
+            for request in [r for r in self._waiting if r.stream.cancelled]:
+                self._waiting.remove(request)
+                request.stream._abort()
+            while self._waiting and len(self._rows) + len(self._joining) < self.max_batch_size:
+                self._joining.append(self._waiting.popleft())
+            return True
+
+    def _step(self) -> None:
+        """One decode step of the whole batch (see the class docstring)."""
+        if any(r.stream.cancelled for r in self._rows):
+            for request in self._rows:
+                if request.stream.cancelled:
+                    request.stream._abort()
+            self._keep([b for b, r in enumerate(self._rows) if not r.stream.cancelled])
+        if self._joining:
+            self._join()
+        if not self._rows:
+            return
+        tokens = self._sample()
+        self._seen[torch.arange(len(self._rows), device=tokens.device), tokens] = True
+        keep = []
+        for b, (request, token) in enumerate(zip(self._rows, tokens.tolist())):  # one host sync
+            last = request.generated == request.params.max_new_tokens - 1
+            text, reason = _row_delta(token, request.stop_ids, request.text, last)
+            request.generated += 1
+            request.stream._put(StreamDelta(0, [token], text, reason))
+            if reason is None:
+                keep.append(b)
+        if len(keep) < len(self._rows):
+            tokens = tokens[torch.tensor(keep, dtype=torch.long, device=tokens.device)]
+            self._keep(keep)
+        if not self._rows:
+            return
+        self._make_room()
+        model = self.engine.model
+        self._logits = model(tokens[:, None], position_ids=self._next_pos, cache=self._cache).logits[:, -1]
+        self._next_pos = self._next_pos + 1
+
+    def _join(self) -> None:
+        """Prefill the admitted requests in one left-padded forward and merge them into the batch."""
+        newcomers, engine = self._joining, self.engine
+        prompts = [r.stream.prompt for r in newcomers]
+        input_ids, key_mask, positions = engine._prefill_inputs(prompts)
+        cache = engine.model.new_cache(len(prompts), input_ids.shape[1])
+        logits = engine.model(input_ids, position_ids=positions, key_mask=key_mask, cache=cache).logits[:, -1]
+        seen = _seen_tokens(prompts, engine.model.config.vocab_size, engine.device)
+        next_pos = positions[:, -1:] + 1
+        # Room for every row to finish without regrowing, up to the context length (the
+        # longest row has at most max_seq_len - 1 tokens in the cache, so one slot always fits).
+        length = max(cache.length, self._cache.length if self._cache is not None else 0)
+        writes = max(r.writes_left for r in self._rows + newcomers)
+        capacity = min(engine.model.config.max_seq_len, length + writes)
+        if self._cache is None:
+            cache.resize(capacity)
+            self._cache, self._logits, self._seen, self._next_pos = cache, logits, seen, next_pos
+        else:
+            self._cache.merge(cache, capacity)
+            self._logits = torch.cat([self._logits, logits])
+            self._seen = torch.cat([self._seen, seen])
+            self._next_pos = torch.cat([self._next_pos, next_pos])
+        self._rows += newcomers
+        self._joining = []
+
+    def _sample(self) -> Tensor:
+        """One token per row, each with its own request's sampling parameters and generator."""
+        groups: dict[tuple, list[int]] = {}
+        for b, request in enumerate(self._rows):
+            groups.setdefault(request.sampling_group, []).append(b)
+        if len(groups) == 1:
+            first = self._rows[0]
+            return sample_tokens(self._logits, first.params, self._seen, first.generator)
+        tokens = torch.empty(len(self._rows), dtype=torch.long, device=self._logits.device)
+        for rows in groups.values():
+            first, index = self._rows[rows[0]], torch.tensor(rows, device=self._logits.device)
+            seen = self._seen[index] if first.params.repetition_penalty != 1.0 else None
+            tokens[index] = sample_tokens(self._logits[index], first.params, seen, first.generator)
+        return tokens
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only these batch rows (the others finished or were cancelled)."""
+        if not keep:
+            self._reset()
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.engine.device)
+        self._cache.select(index)
+        self._cache.trim()  # a long row may have left: later steps attend over fewer slots
+        self._logits, self._seen = self._logits[index], self._seen[index]
+        self._next_pos = self._next_pos[index]
+        self._rows = [self._rows[b] for b in keep]
+
+    def _make_room(self) -> None:
+        """Make sure the next decode step has a free slot (copying the cache into a bigger one)."""
+        cache = self._cache
+        if cache.length < cache.max_len:
+            return
+        cache.trim()  # normally done already when rows left; after it, length < max_seq_len
+        writes = max(r.writes_left for r in self._rows) + 1  # + the token about to be fed
+        cache.resize(min(self.engine.model.config.max_seq_len, cache.length + writes))
+
+    def _reset(self) -> None:
+        self._rows, self._joining = [], []
+        self._cache = self._logits = self._seen = self._next_pos = None
 
 
 # --- CLI ----------------------------------------------------------------------------------------

@@ -225,6 +225,81 @@ class KVCache:
         self.values = [v[rows] for v in self.values]
         self.key_mask = self.key_mask[rows]
 
+    # -- continuous batching: rows join and leave a running cache ---------------------------------
+    # Every row's real tokens form one run of slots ending at `length` (left padding before it),
+    # so the cache can be re-laid out column-wise without touching positions: RoPE was applied to
+    # the keys before caching, and attention only reads `key_mask`.
+
+    def _check_dynamic(self) -> None:
+        if self.slot is not None:
+            raise ValueError("a static-decoding cache (CUDA graphs) cannot be re-laid out")
+
+    def unused_prefix(self) -> int:
+        """How many leading slots no row uses (padding in every row); one host sync."""
+        used = self.key_mask[:, : self.length].any(0)
+        return int(used.int().argmax()) if bool(used.any()) else self.length
+
+    def trim(self) -> None:
+        """Drop the leading slots that no row uses anymore (after a long row left the batch).
+
+        Slicing makes views, so this copies nothing; decode steps attend over fewer slots, and the
+        room at the end is unchanged (`resize` reclaims the dropped slots when it copies).
+        """
+        self._check_dynamic()
+        drop = self.unused_prefix()
+        if drop:
+            self.keys = [k[:, :, drop:] for k in self.keys]
+            self.values = [v[:, :, drop:] for v in self.values]
+            self.key_mask = self.key_mask[:, drop:]
+            self.length -= drop
+            self.max_len -= drop
+
+    def resize(self, capacity: int) -> None:
+        """Copy the used slots into fresh buffers of `capacity` slots (>= `length`)."""
+        self._check_dynamic()
+        if capacity < self.length:
+            raise ValueError(f"cannot shrink a KV cache below its length ({capacity} < {self.length})")
+        self.keys = [_relaid(k, capacity, self.length) for k in self.keys]
+        self.values = [_relaid(v, capacity, self.length) for v in self.values]
+        self.key_mask = _relaid(self.key_mask, capacity, self.length)
+        self.max_len = capacity
+
+    def merge(self, other: KVCache, capacity: int) -> None:
+        """Append `other`'s rows (e.g. freshly prefilled requests) to this batch, in place.
+
+        Both are trimmed, then every row is right-aligned to the longer of the two lengths: a
+        shorter newcomer lands in the padding of the running rows, a longer one shifts them right.
+        The merged buffers hold `capacity` slots (at least the merged length).
+        """
+        self._check_dynamic()
+        other._check_dynamic()
+        self.trim()
+        other.trim()
+        length = max(self.length, other.length)
+        if capacity < length:
+            raise ValueError(f"merged KV cache needs {length} slots, capacity {capacity} given")
+        self.keys = [torch.cat([_relaid(a, capacity, self.length, length),
+                                _relaid(b, capacity, other.length, length)])
+                     for a, b in zip(self.keys, other.keys)]
+        self.values = [torch.cat([_relaid(a, capacity, self.length, length),
+                                  _relaid(b, capacity, other.length, length)])
+                       for a, b in zip(self.values, other.values)]
+        self.key_mask = torch.cat([_relaid(self.key_mask, capacity, self.length, length),
+                                   _relaid(other.key_mask, capacity, other.length, length)])
+        self.length, self.max_len = length, capacity
+
+
+def _relaid(buffer: Tensor, capacity: int, used: int, end: int | None = None) -> Tensor:
+    """A zeroed copy of `buffer` with `capacity` slots (dim 2 for keys/values, dim 1 for the mask)
+    whose first `used` slots are moved to end at slot `end` (default `used`)."""
+    end = used if end is None else end
+    dim = 2 if buffer.dim() == 4 else 1
+    shape = list(buffer.shape)
+    shape[dim] = capacity
+    out = buffer.new_zeros(shape)
+    out.narrow(dim, end - used, used).copy_(buffer.narrow(dim, 0, used))
+    return out
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
