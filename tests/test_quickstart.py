@@ -24,6 +24,15 @@ def test_quickstart_runs_every_stage_and_writes_the_report(tmp_path, capsys):
     assert "validation bits per byte" in report and "## Sample" in report
     assert "## SFT on smol tasks" in report and "| **all** |" in report and "mode honoured" in out
     assert "## Preference stage" in report and "pairs: 8 prompts x 4 responses" in out
+    # The report card: plots, eval scores by stage (from the runner's eval.json), lineage.
+    for name in ("evals.png", "throughput.png", "sft/final/eval/eval.json", "sft/final/eval/vibes.md",
+                 "sft/final/eval/vibes.jsonl", "data/held-out.jsonl"):
+        assert (run / name).exists(), name
+    assert report.startswith("# Quickstart: pretrain, sft") and "## Lineage" in report
+    assert "s0 --> s1" in report and "| smoltasks | accuracy |" in report
+    assert "| thinkfollow | turn_accuracy |" in report and "ThinkFollow:" in out
+    sft_evals = json.loads((run / "sft" / "final" / "eval" / "eval.json").read_text())["tasks"]
+    assert set(sft_evals) == {"smoltasks", "thinkfollow", "vibes"} and sft_evals["smoltasks"]["n"] == 8
     sft_meta = json.loads((run / "sft" / "final" / "smolforge.json").read_text())
     assert sft_meta["stage"] == "sft" and sft_meta["parent"] == str(run / "final")
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_bpb" in line]

@@ -23,12 +23,17 @@ COMMAND_MODULES = [
     "smolforge.data.pairs",
     "smolforge.train.reward",
     "smolforge.engine",
+    "smolforge.eval.runner",
+    "smolforge.eval.decontaminate",
     "smolforge.chat.cli",
+    "smolforge.chat.terminal",
+    "smolforge.serve.cli",
     "smolforge.interop.export",
     "smolforge.interop.inspect",
     "smolforge.train.lora",
     "smolforge.lab.merge",
     "smolforge.lab.plan",
+    "smolforge.lab.report",
 ]
 
 

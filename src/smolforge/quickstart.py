@@ -7,11 +7,14 @@
 4. SFT: smol tasks (`data synth`: addition with column traces, letter counting, format
    constraints, personas), half in `/think` mode with reasoning, half `/no_think`, rendered with
    the smollm3 hybrid-reasoning template;
-5. evaluation: greedy replies to held-out tasks, accuracy per task and mode, and how often the
-   reply follows the mode;
+5. evaluation (`smolforge eval`'s runner, results in `sft/final/eval/`): greedy replies to
+   held-out tasks (`smoltasks`: accuracy per task and mode, and how often the reply follows the
+   mode), ThinkFollow on a few multi-turn conversations, and the vibe-test transcripts;
 6. preference: on-policy pairs (the SFT model samples 4 replies per fresh task, the task's
-   checker grades them), APO-zero on them, and the same evaluation again, so the report shows
-   what the preference stage changed. Everything goes to `runs/quickstart/report.md`.
+   checker grades them), APO-zero on them, and the same evaluation again (the vibe test now
+   diffed against SFT's), so the report shows what the preference stage changed.
+Everything goes to the report card `runs/quickstart/report.md` (`smolforge report`): loss per
+stage, eval scores by stage, throughput and time, the lineage of checkpoints.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ from smolforge.errors import SmolforgeError
 SAMPLE_PROMPT = "ROMEO:\n"
 # The SFT stage's tasks: ones a ~3M-parameter model can pick up within the 3-minute CPU budget.
 SFT_TASKS = "addition,count,format,persona"
+# Eval tasks run on every chat stage (they need no downloaded data), and their budget: seconds
+# on a laptop CPU, not minutes.
+CHAT_EVALS = ("smoltasks", "thinkfollow", "vibes")
+EVAL_MAX_NEW_TOKENS = 96
+THINKFOLLOW_CONVERSATIONS = 16
 
 
 def bundled_text() -> str:
@@ -80,8 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from smolforge.data.shards import tokenize_corpus
     from smolforge.data.synth import generate, write_jsonl
     from smolforge.engine import Engine, SamplingParams
-    from smolforge.eval.smol_tasks import evaluate_smol_tasks
-    from smolforge.lab.report import write_run_report
+    from smolforge.lab.report import write_report_card, write_run_report
     from smolforge.tokenizer import train_tokenizer
     from smolforge.train.checkpoint import load_model
     from smolforge.train.loop import train
@@ -102,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     sft_train, held_out, pair_prompts = sft_tasks(args.sft_examples, args.eval_examples, args.pair_prompts,
                                                   generate)
     write_jsonl(sft_train, data_dir / "sft-train.jsonl")
+    write_jsonl(held_out, data_dir / "held-out.jsonl")
 
     print("[1/6] tokenizer: training a byte-level BPE on tinyshakespeare (train split) + the SFT tasks")
     train_txt, val_txt = prepare_text(data_dir)
@@ -132,12 +140,14 @@ def run(args: argparse.Namespace) -> int:
                                     args.device, args.sft_max_steps, warmup=10)
     sft = train(load_recipe(bundled_recipe("quickstart-sft.yaml"), sft_overrides, SFTRecipe), stage="sft")
 
-    print("[5/6] evaluation: held-out smol tasks, greedy, per reasoning mode")
-    sft_model, sft_tok = load_model(sft.final_checkpoint)
-    sft_engine = Engine(sft_model, sft_tok)
-    report = evaluate_smol_tasks(sft_engine, sft_tok.chat_template, held_out)
+    print("[5/6] evaluation: held-out smol tasks (greedy, per reasoning mode), ThinkFollow, vibe test")
+    report, sft_evals = evaluate_chat_stage(sft.final_checkpoint, data_dir / "held-out.jsonl", args)
     think, no_think = report.total("think"), report.total("no_think")
     print(report.table())
+    print(f"ThinkFollow: {100 * sft_evals['thinkfollow'].metrics['turn_accuracy']:.0f}% of turns follow "
+          f"their /think or /no_think flag")
+    sft_model, sft_tok = load_model(sft.final_checkpoint)
+    sft_engine = Engine(sft_model, sft_tok)
 
     print("[6/6] preference: on-policy pairs graded by the tasks' checkers, then APO-zero")
     sampling = SamplingParams(max_new_tokens=96, temperature=0.8, top_p=0.95)
@@ -149,14 +159,15 @@ def run(args: argparse.Namespace) -> int:
         dpo_overrides = stage_overrides(run_dir, sft.final_checkpoint, data_dir / "pairs.jsonl", "on-policy",
                                         args.device, args.dpo_max_steps, warmup=5)
         dpo = train(load_recipe(bundled_recipe("quickstart-dpo.yaml"), dpo_overrides, DPORecipe), stage="dpo")
-        dpo_model, dpo_tok = load_model(dpo.final_checkpoint)
-        after = evaluate_smol_tasks(Engine(dpo_model, dpo_tok), dpo_tok.chat_template, held_out)
+        after, _ = evaluate_chat_stage(dpo.final_checkpoint, data_dir / "held-out.jsonl", args)
         print(after.table())
         write_run_report(dpo.run_dir)
+    write_run_report(sft.run_dir)
     total = time.time() - started
     examples = "\n\n".join(f"- {e['task']}, {e['mode']}: `{e['prompt']}`\n\n  ```text\n  "
                             + e["reply"].replace("\n", "\n  ") + "\n  ```" for e in report.examples)
-    write_run_report(run_dir, {
+    stages = [run_dir, sft.run_dir, *([dpo.run_dir] if dpo else [])]
+    write_report_card(stages, run_dir, title="Quickstart", extra_sections={
         "Validation": f"bits per byte on the last 10% of tinyshakespeare: **{bpb:.3f}** "
                       f"(nanoGPT's CPU character-level recipe reaches 2.72 on this split).",
         "Sample": f"Prompt `ROMEO:`, temperature 0.8, top-k 50:\n\n```text\n{sample}\n```",
@@ -173,12 +184,25 @@ def run(args: argparse.Namespace) -> int:
                 f"{sft.wall_seconds:.0f} s SFT"
                 + (f", {dpo.wall_seconds:.0f} s preference" if dpo else "") + ").",
     })
-    write_run_report(sft.run_dir)
     print(f"/think accuracy {100 * think.accuracy:.0f}%, /no_think {100 * no_think.accuracy:.0f}%, "
           f"mode honoured {100 * report.honour_rate():.0f}%")
     print(f"done in {total:.0f}s: report {run_dir / 'report.md'}, models {result.final_checkpoint} "
           f"(pretrained) and {sft.final_checkpoint} (SFT)")
     return 0
+
+
+def evaluate_chat_stage(checkpoint: Path, held_out: Path, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """Run CHAT_EVALS on a stage's checkpoint through the eval runner (results in
+    `<checkpoint>/eval/`); the smoltasks report for the tables, and every task's result."""
+    from smolforge.eval.runner import evaluate
+    from smolforge.eval.smol_tasks import report_from_records
+
+    results = evaluate(checkpoint, list(CHAT_EVALS), device=args.device, batch_size=64,
+                       max_new_tokens=EVAL_MAX_NEW_TOKENS,
+                       options={"smoltasks": {"data": str(held_out)},
+                                "thinkfollow": {"conversations": min(THINKFOLLOW_CONVERSATIONS,
+                                                                     args.eval_examples)}})
+    return report_from_records(results["smoltasks"].samples), results
 
 
 def stage_overrides(run_dir: Path, init_from: Path, data: Path, name: str, device: str,

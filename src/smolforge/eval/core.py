@@ -14,14 +14,16 @@ split it was pointed at (validation and test are never mixed by the runner).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from smolforge.engine import Engine
-from smolforge.errors import SmolforgeError
+from smolforge.errors import SmolforgeError, where
 from smolforge.model import Transformer
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -50,11 +52,15 @@ class EvalContext:
         raw = self.options.get("data")
         path = Path(raw) if raw else default
         if path is None:
-            raise SmolforgeError("this task needs a data file: pass --data TASK=PATH (or `data:` "
-                                 "under the task in the eval recipe)")
+            raise SmolforgeError(f"task {self.task} needs a data file: pass --data {self.task}=PATH "
+                                 "(or `data:` under the task in the eval recipe)")
         if not path.is_file():
-            raise SmolforgeError(f"{path}: no such file (task data)")
+            raise SmolforgeError(f"{path}: no such file (data of task {self.task})")
         return path
+
+    def take(self, items: Sequence[T]) -> list[T]:
+        """The first `limit` items (all without a limit)."""
+        return list(items[: self.limit] if self.limit is not None else items)
 
 
 @dataclass
@@ -75,6 +81,40 @@ class TaskResult:
 
 
 TaskFn = Callable[[EvalContext], TaskResult]
+
+
+def read_examples(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(location, record) of every record of a task's .jsonl / .json / .parquet file.
+
+    `location` is `file:line` for error messages. An empty file or a record that is not a JSON
+    object is an error: a task that silently scores zero examples would look like a result.
+    """
+    from smolforge.data.sources import iter_records
+
+    examples = []
+    for location, record in iter_records(path):
+        if not isinstance(record, dict):
+            raise SmolforgeError(f"{location}: expected a JSON object, got {type(record).__name__}")
+        examples.append((location, record))
+    if not examples:
+        raise SmolforgeError(f"{path}: no examples (the file is empty)")
+    return examples
+
+
+def field_of(record: dict[str, Any], location: str, name: str, kind: type | tuple[type, ...]) -> Any:
+    """`record[name]`, checked to be of `kind`; an error naming file, line and field otherwise."""
+    if name not in record:
+        raise SmolforgeError(f"{where(location, field=name)}: missing (keys: {', '.join(record) or 'none'})")
+    value = record[name]
+    if not isinstance(value, kind) or isinstance(value, bool) and bool not in _as_tuple(kind):
+        expected = " or ".join(k.__name__ for k in _as_tuple(kind))
+        raise SmolforgeError(f"{where(location, field=name)}: expected {expected}, got {type(value).__name__}")
+    return value
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
 
 # name -> "module:function". Multiple-choice sets share one function and tell it apart by name.
 TASKS: dict[str, str] = {

@@ -1,24 +1,115 @@
 """Generative evaluation on smol tasks: accuracy per task and reasoning mode, and mode honouring.
 
 Each sample from `smolforge data synth` carries its checker, so the score needs no reference
-model: render the conversation up to the last assistant turn with the chat template (generation
-prompt included, in the sample's reasoning mode), decode greedily with the one engine, and ask
-the sample's checker. As in the playbook's hybrid-reasoning evaluation (ch. 07), every result is
+model: render the conversation up to the last user turn with the chat template (generation
+prompt included, in the sample's reasoning mode), decode with the one engine, and ask the
+sample's checker. As in the playbook's hybrid-reasoning evaluation (ch. 07), every result is
 split by mode, `/think` vs `/no_think`, and the share of replies that follow the mode is
 reported: a think reply must hold non-empty reasoning, a no_think reply must hold none.
+
+`run(ctx)` is the `smoltasks` eval task: held-out samples drawn from `data synth` with a seed no
+training split uses (or a `--data` JSONL that `data synth` wrote), greedy, or avg@k over k
+sampled replies when `--samples K` (the playbook's rule for small sets).
+
+The helpers at the top (`require_chat_template`, `chat_stop_ids`, `sampling_plan`,
+`generate_fitted`) are shared by the chat tasks: smoltasks, thinkfollow and vibes.
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from smolforge.chat.render import render_messages
-from smolforge.data.synth import check_response, thinking_honoured
-from smolforge.engine import Engine, SamplingParams
+from smolforge.data.sources import iter_records
+from smolforge.data.synth import (
+    CHECKERS,
+    NO_THINK_FLAG,
+    THINK_FLAG,
+    check_response,
+    generate,
+    thinking_honoured,
+)
+from smolforge.engine import Completion, Engine, SamplingParams
+from smolforge.errors import SmolforgeError
+
+if TYPE_CHECKING:
+    from smolforge.eval.core import EvalContext, TaskResult
 
 MODES = ("think", "no_think")
+DEFAULT_EXAMPLES = 200
+# `data synth` defaults to seed 0 and the quickstart draws its train / held-out / pair splits
+# with seeds 0-2: the eval set comes from a seed far from those (the playbook: keep training,
+# validation and test data apart; `smolforge decontaminate` checks the overlap that remains).
+HELD_OUT_SEED = 1_000_003
+# SmolLM3's sampling defaults (playbook ch. 07), used for avg@k when no temperature is given.
+DEFAULT_SAMPLING_TEMPERATURE = 0.6
+CHAT_END = "<|im_end|>"
+
+
+# --- shared by the chat tasks ----------------------------------------------------------------------
+
+
+def require_chat_template(ctx: EvalContext) -> str:
+    """The checkpoint's chat template, or an error saying why the task needs one."""
+    template = getattr(ctx.tokenizer, "chat_template", None)
+    if not template:
+        raise SmolforgeError(
+            f"eval task {ctx.task!r} renders conversations with the chat template, but the tokenizer "
+            f"of {ctx.checkpoint} has none: evaluate a chat checkpoint (one written by `smolforge sft`), "
+            "or add a chat_template to its tokenizer_config.json")
+    return template
+
+
+def chat_stop_ids(tokenizer: Any) -> list[int]:
+    """The end-of-turn token of ChatML templates, when the tokenizer has it (EOS always stops)."""
+    token_id = tokenizer.token_to_id(CHAT_END) if hasattr(tokenizer, "token_to_id") else None
+    return [token_id] if token_id is not None else []
+
+
+def sampling_plan(ctx: EvalContext) -> tuple[int, float, list[str]]:
+    """(draws, temperature, notes) for avg@k: greedy once when k = 1, else k draws at a
+    temperature > 0 (k greedy replies would all be the same one)."""
+    if ctx.samples <= 1:
+        return 1, 0.0, []
+    temperature = ctx.temperature if ctx.temperature > 0 else DEFAULT_SAMPLING_TEMPERATURE
+    note = f"avg@{ctx.samples} (temperature {temperature:g}"
+    note += ")" if ctx.temperature > 0 else ", the default for k > 1)"
+    return ctx.samples, temperature, [note]
+
+
+def draw_params(tokenizer: Any, max_new_tokens: int, temperature: float, seed: int | None,
+                top_p: float = 1.0) -> SamplingParams:
+    """Greedy (temperature 0) or seeded sampling that stops at the end of the assistant turn."""
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          seed=seed, stop_token_ids=chat_stop_ids(tokenizer))
+
+
+def generate_fitted(engine: Engine, prompts: Sequence[list[int]], params: SamplingParams,
+                    batch_size: int) -> list[Completion | None]:
+    """Completions in the order of `prompts`, `batch_size` prompts per engine call.
+
+    Prompts are batched by length, and each batch's `max_new_tokens` is lowered so that its
+    longest prompt plus the reply fits the model's context (the engine refuses what does not).
+    A prompt that leaves no room at all gets None: the caller counts it as not scored.
+    """
+    limit = engine.model.config.max_seq_len
+    results: list[Completion | None] = [None] * len(prompts)
+    order = sorted((i for i, p in enumerate(prompts) if len(p) < limit), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), max(batch_size, 1)):
+        chunk = order[start:start + max(batch_size, 1)]
+        room = limit - max(len(prompts[i]) for i in chunk)
+        fitted = params if room >= params.max_new_tokens else replace(params, max_new_tokens=room)
+        for i, completion in zip(chunk, engine.generate([prompts[i] for i in chunk], fitted)):
+            results[i] = completion
+    return results
+
+
+# --- smol tasks ------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -40,6 +131,8 @@ class TaskScore:
 class SmolTaskReport:
     scores: dict[tuple[str, str], TaskScore] = field(default_factory=dict)  # (task, mode) -> score
     examples: list[dict[str, Any]] = field(default_factory=list)  # a few prompts with replies
+    records: list[dict[str, Any]] = field(default_factory=list)  # every scored reply
+    draws: int = 1  # k of avg@k: the scores count every draw, so accuracy is the mean over draws
 
     def total(self, mode: str) -> TaskScore:
         out = TaskScore()
@@ -51,6 +144,35 @@ class SmolTaskReport:
     def honour_rate(self) -> float:
         n = sum(s.n for s in self.scores.values())
         return sum(s.honoured for s in self.scores.values()) / n if n else 0.0
+
+    def accuracy(self) -> float:
+        n = sum(s.n for s in self.scores.values())
+        return sum(s.correct for s in self.scores.values()) / n if n else 0.0
+
+    def pass_at_k(self) -> float:
+        """Share of prompts with at least one correct reply among the k draws."""
+        solved: dict[int, bool] = {}
+        for record in self.records:
+            solved[record["index"]] = solved.get(record["index"], False) or record["correct"]
+        return sum(solved.values()) / len(solved) if solved else 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """Headline `accuracy` first, then per mode, mode honouring, per task and per task+mode.
+        A mode with no samples gets no metric (0% would claim a measurement)."""
+        out = {"accuracy": self.accuracy()}
+        for mode in MODES:
+            if self.total(mode).n:
+                out[f"{mode}_accuracy"] = self.total(mode).accuracy
+        out["mode_honoured"] = self.honour_rate()
+        if self.draws > 1:
+            out[f"pass@{self.draws}"] = self.pass_at_k()
+        for task in sorted({task for task, _ in self.scores}):
+            pair = [self.scores[(task, m)] for m in MODES if (task, m) in self.scores]
+            out[f"{task}_accuracy"] = sum(s.correct for s in pair) / sum(s.n for s in pair)
+            for mode in MODES:
+                if (task, mode) in self.scores:
+                    out[f"{task}_{mode}_accuracy"] = self.scores[(task, mode)].accuracy
+        return out
 
     def table(self) -> str:
         """Markdown: accuracy per task in each mode, then the totals and the mode honour rate."""
@@ -70,34 +192,139 @@ class SmolTaskReport:
         return "\n".join(lines)
 
 
-def sample_mode(sample: dict[str, Any]) -> str:
-    """The reasoning mode of a synth sample's last turn (its kwargs always agree with its flags)."""
-    return "think" if sample.get("chat_template_kwargs", {}).get("enable_thinking", True) else "no_think"
+def _flag_of(text: str) -> str | None:
+    text = text.rstrip()
+    if text.endswith(NO_THINK_FLAG):
+        return "no_think"
+    return "think" if text.endswith(THINK_FLAG) else None
+
+
+def sample_mode(sample: Mapping[str, Any]) -> str:
+    """The reasoning mode of a sample's last turn, by the hybrid template's rule: a flag at the
+    end of the last user message wins, then one at the end of the system message, then
+    `chat_template_kwargs.enable_thinking` (default on). `data synth` keeps all three in agreement."""
+    messages = prompt_messages(sample)
+    users = [m for m in messages if m.get("role") == "user"]
+    if users and (flag := _flag_of(str(users[-1].get("content") or ""))):
+        return flag
+    if messages and messages[0].get("role") == "system" and (flag := _flag_of(str(messages[0].get("content") or ""))):
+        return flag
+    return "think" if (sample.get("chat_template_kwargs") or {}).get("enable_thinking", True) else "no_think"
+
+
+def prompt_messages(sample: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The conversation the model answers: without the gold assistant reply when there is one."""
+    messages = list(sample["messages"])
+    return messages[:-1] if messages and messages[-1].get("role") == "assistant" else messages
 
 
 def evaluate_smol_tasks(engine: Engine, template: str, samples: list[dict[str, Any]],
-                        max_new_tokens: int = 96, batch_size: int = 64,
-                        keep_examples: int = 4) -> SmolTaskReport:
-    """Greedy replies to every sample's last user turn, scored by the sample's own checker."""
+                        max_new_tokens: int = 96, batch_size: int = 64, keep_examples: int = 4, *,
+                        draws: int = 1, temperature: float = 0.0, seed: int = 0) -> SmolTaskReport:
+    """Replies to every sample's last user turn, scored by the sample's own checker.
+
+    Greedy by default; `draws` > 1 samples that many replies per prompt at `temperature`
+    (seeds `seed`, `seed + 1`, ...) and the scores count them all, so accuracy is avg@k.
+    A prompt too long for the model's context is scored as failed.
+    """
     tokenizer = engine.tokenizer
-    stop = [i for i in (tokenizer.token_to_id("<|im_end|>"),) if i is not None]
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stop)
-    report = SmolTaskReport()
-    per_key: dict[tuple[str, str], TaskScore] = defaultdict(TaskScore)
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        prompts = [tokenizer.encode(render_messages(template, s["messages"][:-1], add_generation_prompt=True,
-                                                    **s.get("chat_template_kwargs", {})))
-                   for s in chunk]
-        for sample, completion in zip(chunk, engine.generate(prompts, params)):
+    prompts = [tokenizer.encode(render_messages(template, prompt_messages(s), add_generation_prompt=True,
+                                                **(s.get("chat_template_kwargs") or {})))
+               for s in samples]
+    records = []
+    for draw in range(draws):
+        params = draw_params(tokenizer, max_new_tokens, temperature if draws > 1 else 0.0,
+                             seed + draw if draws > 1 else None)
+        for index, (sample, completion) in enumerate(zip(samples, generate_fitted(engine, prompts, params,
+                                                                                  batch_size))):
             mode = sample_mode(sample)
-            reply = completion.text or ""
-            score = per_key[(sample["task"], mode)]
-            score.n += 1
-            score.correct += check_response(sample["check"], reply)
-            score.honoured += thinking_honoured(reply, mode == "think")
-            if len(report.examples) < keep_examples:
-                report.examples.append({"task": sample["task"], "mode": mode,
-                                        "prompt": sample["messages"][-2]["content"], "reply": reply})
+            reply = (completion.text or "") if completion is not None else ""
+            user = [m for m in prompt_messages(sample) if m.get("role") == "user"]
+            records.append({"index": index, "draw": draw, "task": sample["task"], "mode": mode,
+                            "prompt": user[-1]["content"] if user else "", "response": reply,
+                            "check": sample["check"], "correct": check_response(sample["check"], reply),
+                            "honoured": thinking_honoured(reply, mode == "think"),
+                            "finish_reason": completion.finish_reason if completion else "context_full"})
+    return report_from_records(records, keep_examples)
+
+
+def report_from_records(records: list[dict[str, Any]], keep_examples: int = 4) -> SmolTaskReport:
+    """The report of scored replies (`evaluate_smol_tasks`' records, or the samples of a
+    `smoltasks` TaskResult): counts per task and mode over every draw, a few first-draw examples."""
+    per_key: dict[tuple[str, str], TaskScore] = defaultdict(TaskScore)
+    report = SmolTaskReport(records=list(records), draws=1 + max((r["draw"] for r in records), default=0))
+    for record in records:
+        score = per_key[(record["task"], record["mode"])]
+        score.n += 1
+        score.correct += bool(record["correct"])
+        score.honoured += bool(record["honoured"])
+        if record["draw"] == 0 and len(report.examples) < keep_examples:
+            report.examples.append({"task": record["task"], "mode": record["mode"], "prompt": record["prompt"],
+                                    "reply": record["response"]})
     report.scores = dict(per_key)
     return report
+
+
+def load_samples(path: str | Path) -> list[dict[str, Any]]:
+    """Smol-task samples from a JSONL / JSON / Parquet file (the format `data synth` writes).
+
+    Each record needs `messages` (a conversation that holds a user turn) and `check` (a checker
+    spec); `task` defaults to the file's stem, `chat_template_kwargs` to none. Errors name the
+    file, line and field.
+    """
+    path = Path(path)
+    samples = []
+    for location, record in iter_records(path):
+        if not isinstance(record, dict):
+            raise SmolforgeError(f"{location}: expected a JSON object with 'messages' and 'check', "
+                                 f"got {type(record).__name__}")
+        for key in ("messages", "check"):
+            if key not in record:
+                raise SmolforgeError(f"{location} field '{key}' is missing (smol-task samples need "
+                                     "'messages' and 'check', as `smolforge data synth` writes them)")
+        messages = record["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise SmolforgeError(f"{location} field 'messages' must be a list of message objects")
+        if not any(m.get("role") == "user" for m in prompt_messages(record)):
+            raise SmolforgeError(f"{location} field 'messages' holds no user turn to answer")
+        check = record["check"]
+        if not isinstance(check, dict) or check.get("type") not in CHECKERS:
+            raise SmolforgeError(f"{location} field 'check' must be a checker spec with a 'type' among "
+                                 f"{', '.join(CHECKERS)}, got {check!r}")
+        kwargs = record.get("chat_template_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise SmolforgeError(f"{location} field 'chat_template_kwargs' must be an object")
+        task = record.get("task", path.stem)
+        if not isinstance(task, str) or not task:
+            raise SmolforgeError(f"{location} field 'task' must be a non-empty string")
+        samples.append({**record, "task": task, "chat_template_kwargs": kwargs})
+    if not samples:
+        raise SmolforgeError(f"{path} holds no samples: write some with `smolforge data synth --out {path}`")
+    return samples
+
+
+def run(ctx: EvalContext) -> TaskResult:
+    """The `smoltasks` eval task (options: `data`, or `tasks` and `n` for generated samples)."""
+    from smolforge.eval.core import TaskResult
+
+    template = require_chat_template(ctx)
+    if ctx.option("data"):
+        source = ctx.data_path()
+        samples = load_samples(source)[:ctx.limit]
+        notes = [f"data {source}"]
+    else:
+        n = int(ctx.option("n") or DEFAULT_EXAMPLES)
+        n = min(n, ctx.limit) if ctx.limit else n
+        tasks = str(ctx.option("tasks", "all"))
+        samples = generate(tasks, n, seed=HELD_OUT_SEED + ctx.seed)
+        notes = [f"{n} generated samples of {tasks} (seed {HELD_OUT_SEED + ctx.seed})"]
+    draws, temperature, sampling_notes = sampling_plan(ctx)
+    started = time.perf_counter()
+    report = evaluate_smol_tasks(ctx.engine, template, samples, ctx.max_new_tokens, ctx.batch_size,
+                                 draws=draws, temperature=temperature, seed=ctx.seed)
+    seconds = time.perf_counter() - started
+    cut = sum(r["finish_reason"] != "stop" for r in report.records)
+    if cut:
+        notes.append(f"{cut} of {len(report.records)} replies cut at max_new_tokens or the context")
+    return TaskResult(task=ctx.task, metrics=report.metrics(), n=len(samples), seconds=seconds,
+                      samples=report.records, notes=sampling_notes + notes)
