@@ -85,8 +85,8 @@ def model(tokenizer) -> Transformer:
 class ScriptedEngine:
     """Replies from a script keyed by a word of the question; records what it was asked."""
 
-    def __init__(self, tokenizer, script: dict[str, list[str]]) -> None:
-        self.tokenizer, self.script, self.calls = tokenizer, script, []
+    def __init__(self, model, tokenizer, script: dict[str, list[str]]) -> None:
+        self.model, self.tokenizer, self.script, self.calls = model, tokenizer, script, []
         self.used = {key: 0 for key in script}
 
     def generate(self, prompts, params):
@@ -114,7 +114,7 @@ def write_problems(path: Path, problems: list[tuple[str, str]]) -> Path:
 
 def test_avg_at_k_and_pass_at_k_on_scripted_replies(model, tokenizer, tmp_path):
     data = write_problems(tmp_path / "t.jsonl", [("apples?", "18"), ("pears?", "1,000"), ("plums?", "-3")])
-    engine = ScriptedEngine(tokenizer, {
+    engine = ScriptedEngine(model, tokenizer, {
         "apples": ["<think>maybe 17</think>#### 18", "The answer is $18.", "17", "I think 18.0"],  # 3 of 4
         "pears": ["It costs $1,000.", "#### 999", "\\boxed{1000}", "no idea"],  # 2 of 4
         "plums": ["3", "3", "3", "3"],  # 0 of 4: the sign matters
@@ -128,12 +128,13 @@ def test_avg_at_k_and_pass_at_k_on_scripted_replies(model, tokenizer, tmp_path):
     assert [s["score"] for s in result.samples] == [0.75, 0.5, 0.0]
     assert result.samples[0]["extracted"] == ["18", "18", "17", "18.0"] and result.samples[0]["target"] == "18"
     assert all(p.temperature == 0.7 and p.max_new_tokens == 256 for p in engine.calls)
-    assert len({p.seed for p in engine.calls}) == len(engine.calls) == 3  # 12 requests in batches of 5
+    assert len({p.seed for p in engine.calls}) == 4  # one seed per draw
+    assert len(engine.calls) == 4  # each draw: the 3 problems in one batch of 5
 
 
 def test_greedy_fewshot_and_chat_prompting(model, tokenizer, tmp_path):
     data = write_problems(tmp_path / "t.jsonl", [("apples?", "18")])
-    engine = ScriptedEngine(tokenizer, {"apples": ["#### 18"]})
+    engine = ScriptedEngine(model, tokenizer, {"apples": ["#### 18"]})
     ctx = context(model, tokenizer, tmp_path, engine,
                   options={"data": str(data), "num_fewshot": 2, "fewshot_data": str(GSM8K / "train.jsonl")})
     result = gsm8k.run(ctx)
@@ -146,7 +147,7 @@ def test_greedy_fewshot_and_chat_prompting(model, tokenizer, tmp_path):
     assert gsm8k.run(ctx).samples[0]["prompt"] == prompt
 
     chat_tokenizer = Tokenizer(tokenizer.backend, chat_template=load_template("chatml"))
-    engine = ScriptedEngine(chat_tokenizer, {"apples": ["#### 18"]})
+    engine = ScriptedEngine(model, chat_tokenizer, {"apples": ["#### 18"]})
     result = gsm8k.run(context(model, chat_tokenizer, tmp_path, engine, options={"data": str(data)}))
     assert result.samples[0]["prompt"].endswith("<|im_start|>user\napples?<|im_end|>\n<|im_start|>assistant\n")
     assert engine.calls[0].stop_token_ids == [chat_tokenizer.token_to_id("<|im_end|>")]

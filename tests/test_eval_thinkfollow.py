@@ -11,7 +11,7 @@ import torch
 from smolforge.chat.render import load_template, render_messages
 from smolforge.engine import Completion, Engine
 from smolforge.errors import SmolforgeError
-from smolforge.eval import smol_tasks, thinkfollow
+from smolforge.eval import core, smol_tasks, thinkfollow
 from smolforge.eval.core import EvalContext
 from smolforge.model import Transformer, debug
 from smolforge.tokenizer import Tokenizer
@@ -113,7 +113,7 @@ def test_history_carries_answers_without_reasoning(chat_tokenizer, tmp_path):
     engine = ScriptedEngine(chat_tokenizer, always_think)
     conversations = [thinkfollow.Conversation(["first /think", "second /think"])]
     records = thinkfollow.follow(engine, chat_tokenizer.chat_template, conversations, [[True, True]],
-                                 smol_tasks.draw_params(chat_tokenizer, 16, 0.0, None), 8)
+                                 core.draw_params(chat_tokenizer, 16, 0.0, None), 8)
     assert [r["honoured"] for r in records[0]] == [True, True]
     assert "the answer<|im_end|>" in seen[1] and "step one" not in seen[1]
 
@@ -137,7 +137,7 @@ def test_user_conversations_file_and_bad_files(chat_tokenizer, tmp_path):
 def test_needs_a_chat_template(synth_tokenizer, tiny_model, tmp_path):
     plain = Tokenizer(synth_tokenizer.backend)
     ctx = context("thinkfollow", Engine(tiny_model, plain), plain, tmp_path)
-    with pytest.raises(SmolforgeError, match="has none"):
+    with pytest.raises(SmolforgeError, match="no chat template"):
         thinkfollow.run(ctx)
 
 
@@ -224,9 +224,9 @@ def test_generation_fits_the_context(chat_tokenizer, tiny_model):
     """Replies are cut to fit the context; a prompt that fills it gets no reply, not a crash."""
     limit = tiny_model.config.max_seq_len
     prompts = [[5] * 10, [6] * (limit - 4), [7] * limit]
-    params = smol_tasks.draw_params(chat_tokenizer, 32, 0.0, None)
+    params = core.draw_params(chat_tokenizer, 32, 0.0, None)
     params.ignore_eos, params.stop_token_ids = True, []
-    short, long, full = smol_tasks.generate_fitted(Engine(tiny_model, chat_tokenizer), prompts, params, batch_size=1)
+    short, long, full = core.generate_fitted(Engine(tiny_model, chat_tokenizer), prompts, params, batch_size=1)
     assert len(short.tokens) == 32 and len(long.tokens) == 4 and full is None
 
 

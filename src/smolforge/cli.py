@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smolforge",
         description="Train small language models end to end: tokenizer, pretraining, SFT, "
-                    "preference optimisation, reward models, LoRA, merging, generation and export "
-                    "(RL, evaluation and serving to come).",
+                    "preference optimisation, reward models, LoRA, merging, generation, evaluation, "
+                    "chat, an OpenAI-compatible server and export (RL to come).",
     )
     parser.add_argument("--version", action="version", version=f"smolforge {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -833,7 +833,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-stream", action="store_true", help="Print whole completions at the end.")
     parser.add_argument("--chat", action="store_true",
                         help="Send each prompt as a user message through the checkpoint's chat template "
-                             "(generation prompt added; stops at <|im_end|>).")
+                             "(generation prompt added; stops at the end of the turn).")
     parser.add_argument("--no-think", action="store_true",
                         help="With --chat: reasoning mode off (enable_thinking=false) for hybrid templates.")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default cuda when available.")
@@ -841,12 +841,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _chat_prompts(prompts: list[str], tokenizer: Any, enable_thinking: bool) -> list[str]:
-    from smolforge.chat.render import render_messages
+    from smolforge.chat.render import render_messages, require_chat_template
 
-    if not tokenizer.chat_template:
-        raise SmolforgeError("--chat: this checkpoint's tokenizer has no chat template (train it with "
-                             "`smolforge sft`, or use a model that ships one)")
-    return [render_messages(tokenizer.chat_template, [{"role": "user", "content": p}],
+    template = require_chat_template(tokenizer, "--chat")
+    return [render_messages(template, [{"role": "user", "content": p}],
                             add_generation_prompt=True, enable_thinking=enable_thinking) for p in prompts]
 
 
@@ -866,7 +864,9 @@ def _generate_command(args: argparse.Namespace) -> int:
     engine = Engine(model, tokenizer)
     if args.chat:
         args.prompt = _chat_prompts(args.prompt, tokenizer, enable_thinking=not args.no_think)
-        params.stop_token_ids += [i for i in (tokenizer.token_to_id("<|im_end|>"),) if i is not None]
+        from smolforge.chat.render import end_of_turn_ids
+
+        params.stop_token_ids += end_of_turn_ids(tokenizer)
     prompts = [tokenizer.encode(p) for p in args.prompt]
     try:
         if args.num_beams > 1:

@@ -36,6 +36,10 @@ if TYPE_CHECKING:
     from smolforge.tokenizer import Tokenizer
 
 BUNDLED_TEMPLATES = ("chatml", "smollm3")
+# Chat templates end an assistant turn with a marker of their own: ChatML's <|im_end|> (SmolLM,
+# Qwen), Llama 3's <|eot_id|>, Gemma's <end_of_turn>. Generation stops at whichever of them the
+# vocabulary holds, besides the tokenizer's EOS (which the engine adds).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 ROLES = ("system", "user", "assistant", "tool")
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips
 # Names that datasets use for an assistant's reasoning; transformers copies the first one found to
@@ -396,3 +400,23 @@ def _warn_untrained_turns(messages: Sequence[Mapping[str, Any]],
         warnings.warn(f"{len(assistants)} assistant messages but only {sum(trained)} generation "
                       "blocks with trained tokens: some assistant turns are not trained.",
                       stacklevel=3)
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Ids of the end-of-turn markers in the tokenizer's vocabulary (see END_OF_TURN_TOKENS)."""
+    token_to_id = getattr(tokenizer, "token_to_id", None)
+    if token_to_id is None:
+        return []
+    return [i for i in (token_to_id(token) for token in END_OF_TURN_TOKENS) if i is not None]
+
+
+def require_chat_template(tokenizer: Any, source: str, hint: str = "") -> str:
+    """The tokenizer's chat template, or a SmolforgeError naming `source` and how to get one."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise SmolforgeError(
+            f"{source}: the tokenizer has no chat template (no chat_template in "
+            "tokenizer_config.json nor chat_template.jinja), so user and assistant turns cannot be "
+            "told apart: use a checkpoint trained by `smolforge sft`, or a model that ships a "
+            f"template{hint}.")
+    return template

@@ -28,13 +28,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from smolforge.chat.reasoning import ReasoningSplitter, prompt_opens_think, split_reasoning
-from smolforge.chat.render import render_messages, template_name
+from smolforge.chat.render import (
+    end_of_turn_ids,
+    render_messages,
+    require_chat_template,
+    template_name,
+)
 from smolforge.engine import Engine, InvalidSamplingParam, SamplingParams
 from smolforge.errors import SmolforgeError
-
-# End-of-turn markers of the common chat formats (ChatML, Llama 3, Gemma): generation stops at
-# whichever of them the vocabulary holds, besides the tokenizer's EOS.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 
 HELP = """\
 Commands:
@@ -45,25 +46,6 @@ Commands:
   /help             this list
   /quit             leave (also /exit, Ctrl-D)
 Anything else is sent to the model as your message."""
-
-
-def chat_template_of(tokenizer: Any, source: str) -> str:
-    """The tokenizer's chat template, or a SmolforgeError saying how to get one."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise SmolforgeError(
-            f"{source}: the tokenizer has no chat template (no chat_template in "
-            "tokenizer_config.json nor chat_template.jinja), so there is no way to tell user and "
-            "assistant turns apart: chat with a checkpoint trained by `smolforge sft`, or a model "
-            "that ships a template (or use `smolforge generate` for plain text)."
-        )
-    return template
-
-
-def end_of_turn_ids(tokenizer: Any) -> list[int]:
-    """Ids of the end-of-turn tokens in the vocabulary (EOS is added by the engine)."""
-    ids = (tokenizer.token_to_id(token) for token in END_OF_TURN_TOKENS)
-    return [i for i in ids if i is not None]
 
 
 class PromptTooLong(SmolforgeError):
@@ -333,7 +315,8 @@ def _chat_command(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.checkpoint, device=device)
-    template = chat_template_of(tokenizer, args.checkpoint)
+    template = require_chat_template(tokenizer, args.checkpoint,
+                                     " (or use `smolforge generate` for plain text)")
     context = model.config.max_seq_len
     max_new_tokens = min(1024, context // 2) if args.max_new_tokens is None else args.max_new_tokens
     params = SamplingParams(

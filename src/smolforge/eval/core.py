@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from smolforge.engine import Engine
+from smolforge.chat.render import end_of_turn_ids, require_chat_template
+from smolforge.engine import Completion, Engine, SamplingParams
 from smolforge.errors import SmolforgeError, where
 from smolforge.model import Transformer
 
 T = TypeVar("T")
+# SmolLM3's sampling defaults (playbook ch. 07), used for avg@k when no temperature is given.
+DEFAULT_SAMPLING_TEMPERATURE = 0.6
 
 
 @dataclass
@@ -81,6 +84,55 @@ class TaskResult:
 
 
 TaskFn = Callable[[EvalContext], TaskResult]
+
+
+# --- shared by the generative tasks ---------------------------------------------------------------
+
+
+def chat_template(ctx: EvalContext) -> str:
+    """The checkpoint's chat template, or an error saying why the task needs one."""
+    return require_chat_template(ctx.tokenizer, f"eval task {ctx.task!r} on {ctx.checkpoint}")
+
+
+def sampling_plan(ctx: EvalContext) -> tuple[int, float, list[str]]:
+    """(draws, temperature, notes) for avg@k: greedy once when k = 1, else k draws at a
+    temperature > 0 (k greedy replies would all be the same one)."""
+    if ctx.samples <= 1:
+        return 1, 0.0, []
+    temperature = ctx.temperature if ctx.temperature > 0 else DEFAULT_SAMPLING_TEMPERATURE
+    note = f"avg@{ctx.samples} (temperature {temperature:g}"
+    note += ")" if ctx.temperature > 0 else ", the default for k > 1)"
+    return ctx.samples, temperature, [note]
+
+
+def draw_params(tokenizer: Any, max_new_tokens: int, temperature: float, seed: int | None,
+                top_p: float = 1.0) -> SamplingParams:
+    """Greedy (temperature 0) or seeded sampling that stops at the end of the assistant turn."""
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          seed=seed, stop_token_ids=end_of_turn_ids(tokenizer))
+
+
+def generate_fitted(engine: Engine, prompts: Sequence[list[int]], params: SamplingParams,
+                    batch_size: int) -> list[Completion | None]:
+    """Completions in the order of `prompts`, `batch_size` prompts per engine call.
+
+    Prompts are batched by length (less padding), and each batch's `max_new_tokens` is lowered
+    so that its longest prompt plus the reply fits the model's context (the engine refuses what
+    does not). A prompt that leaves no room at all gets None: the caller counts it as not scored.
+    """
+    limit = engine.model.config.max_seq_len
+    results: list[Completion | None] = [None] * len(prompts)
+    order = sorted((i for i, p in enumerate(prompts) if len(p) < limit), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), max(batch_size, 1)):
+        chunk = order[start:start + max(batch_size, 1)]
+        room = limit - max(len(prompts[i]) for i in chunk)
+        fitted = params if room >= params.max_new_tokens else replace(params, max_new_tokens=room)
+        for i, completion in zip(chunk, engine.generate([prompts[i] for i in chunk], fitted)):
+            results[i] = completion
+    return results
+
+
+# --- task data -------------------------------------------------------------------------------------
 
 
 def read_examples(path: Path) -> list[tuple[str, dict[str, Any]]]:

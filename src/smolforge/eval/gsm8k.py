@@ -24,10 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from smolforge.chat.render import end_of_turn_ids
 from smolforge.data.synth import strip_thinking
 from smolforge.engine import SamplingParams
 from smolforge.errors import SmolforgeError, where
-from smolforge.eval.core import EvalContext, TaskResult, field_of, read_examples
+from smolforge.eval.core import EvalContext, TaskResult, field_of, generate_fitted, read_examples
 
 # A number: optional minus (not a subtraction: no digit or letter right before it), optional "$",
 # digits with proper thousands separators or none, optional decimals; ".5" too.
@@ -189,21 +190,19 @@ def run(ctx: EvalContext) -> TaskResult:
     if use_chat:
         kwargs = dict(ctx.option("chat_template_kwargs", {}))
         texts = [chat_prompt(tokenizer.chat_template, p["question"], shots, kwargs) for p in problems]
-        stop, stop_ids = [], [i for i in (tokenizer.token_to_id("<|im_end|>"),) if i is not None]
+        stop, stop_ids = [], end_of_turn_ids(tokenizer)
     else:
         texts = [plain_prompt(p["question"], shots) for p in problems]
         stop, stop_ids = PLAIN_STOPS, []
     prompts = tokenizer.encode_batch(texts)
     budget, notes = _generation_budget(ctx, prompts)
     start = time.perf_counter()
-    requests = [i for i in range(len(problems)) for _ in range(k)]  # k draws of each prompt, together
     responses: list[list[str]] = [[] for _ in problems]
-    for first in range(0, len(requests), ctx.batch_size):
-        chunk = requests[first : first + ctx.batch_size]
+    for draw in range(k):
         params = SamplingParams(max_new_tokens=budget, temperature=ctx.temperature, stop=stop,
-                                stop_token_ids=stop_ids, seed=ctx.seed + first)
-        for i, completion in zip(chunk, ctx.engine.generate([prompts[i] for i in chunk], params)):
-            responses[i].append(completion.text or "")
+                                stop_token_ids=stop_ids, seed=ctx.seed + draw)
+        for replies, completion in zip(responses, generate_fitted(ctx.engine, prompts, params, ctx.batch_size)):
+            replies.append(completion.text or "" if completion is not None else "")
     samples, correct_total, solved, answered = [], 0, 0, 0
     for problem, text, replies in zip(problems, texts, responses):
         extracted = [extract_answer(r) for r in replies]

@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from smolforge.chat.reasoning import prompt_opens_think, split_reasoning
+from smolforge.chat.render import end_of_turn_ids
 from smolforge.engine import SamplingParams
 from smolforge.errors import SmolforgeError, where
-from smolforge.eval.core import EvalContext, TaskResult, field_of, read_examples
+from smolforge.eval.core import EvalContext, TaskResult, field_of, generate_fitted, read_examples
 from smolforge.eval.ifeval_checks import (
     CHECKERS,
     InvalidArgument,
@@ -149,17 +150,11 @@ def generate_responses(ctx: EvalContext, prompts: Sequence[str], draw: int = 0) 
     ids = [ctx.tokenizer.encode(t) for t in texts]
     truncated = [len(x) > room for x in ids]
     ids = [x[-room:] for x in ids]  # lm-eval keeps the end of a long prompt, where the instructions are
-    token_to_id = getattr(ctx.tokenizer, "token_to_id", None)
-    stop = [i for i in (token_to_id("<|im_end|>") if token_to_id else None,) if i is not None]
+    stop = end_of_turn_ids(ctx.tokenizer)
     sampled = ctx.samples > 1
     params = SamplingParams(max_new_tokens=ctx.max_new_tokens, temperature=ctx.temperature if sampled else 0.0,
                             stop_token_ids=stop, seed=ctx.seed + draw if sampled else None)
-    outputs: list[str] = [""] * len(prompts)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # like lengths together: less padding
-    for start in range(0, len(order), ctx.batch_size):
-        batch = order[start:start + ctx.batch_size]
-        for i, completion in zip(batch, ctx.engine.generate([ids[i] for i in batch], params)):
-            outputs[i] = completion.text or ""
+    outputs = [c.text or "" if c is not None else "" for c in generate_fitted(ctx.engine, ids, params, ctx.batch_size)]
     return [{"output": out, "response": split_reasoning(out, in_think=prompt_opens_think(text))[1],
              "truncated": cut} for out, text, cut in zip(outputs, texts, truncated)]
 

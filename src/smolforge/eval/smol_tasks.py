@@ -10,19 +10,16 @@ reported: a think reply must hold non-empty reasoning, a no_think reply must hol
 `run(ctx)` is the `smoltasks` eval task: held-out samples drawn from `data synth` with a seed no
 training split uses (or a `--data` JSONL that `data synth` wrote), greedy, or avg@k over k
 sampled replies when `--samples K` (the playbook's rule for small sets).
-
-The helpers at the top (`require_chat_template`, `chat_stop_ids`, `sampling_plan`,
-`generate_fitted`) are shared by the chat tasks: smoltasks, thinkfollow and vibes.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from smolforge.chat.render import render_messages
 from smolforge.data.sources import iter_records
@@ -34,11 +31,16 @@ from smolforge.data.synth import (
     generate,
     thinking_honoured,
 )
-from smolforge.engine import Completion, Engine, SamplingParams
+from smolforge.engine import Engine
 from smolforge.errors import SmolforgeError
-
-if TYPE_CHECKING:
-    from smolforge.eval.core import EvalContext, TaskResult
+from smolforge.eval.core import (
+    EvalContext,
+    TaskResult,
+    chat_template,
+    draw_params,
+    generate_fitted,
+    sampling_plan,
+)
 
 MODES = ("think", "no_think")
 DEFAULT_EXAMPLES = 200
@@ -46,67 +48,6 @@ DEFAULT_EXAMPLES = 200
 # with seeds 0-2: the eval set comes from a seed far from those (the playbook: keep training,
 # validation and test data apart; `smolforge decontaminate` checks the overlap that remains).
 HELD_OUT_SEED = 1_000_003
-# SmolLM3's sampling defaults (playbook ch. 07), used for avg@k when no temperature is given.
-DEFAULT_SAMPLING_TEMPERATURE = 0.6
-CHAT_END = "<|im_end|>"
-
-
-# --- shared by the chat tasks ----------------------------------------------------------------------
-
-
-def require_chat_template(ctx: EvalContext) -> str:
-    """The checkpoint's chat template, or an error saying why the task needs one."""
-    template = getattr(ctx.tokenizer, "chat_template", None)
-    if not template:
-        raise SmolforgeError(
-            f"eval task {ctx.task!r} renders conversations with the chat template, but the tokenizer "
-            f"of {ctx.checkpoint} has none: evaluate a chat checkpoint (one written by `smolforge sft`), "
-            "or add a chat_template to its tokenizer_config.json")
-    return template
-
-
-def chat_stop_ids(tokenizer: Any) -> list[int]:
-    """The end-of-turn token of ChatML templates, when the tokenizer has it (EOS always stops)."""
-    token_id = tokenizer.token_to_id(CHAT_END) if hasattr(tokenizer, "token_to_id") else None
-    return [token_id] if token_id is not None else []
-
-
-def sampling_plan(ctx: EvalContext) -> tuple[int, float, list[str]]:
-    """(draws, temperature, notes) for avg@k: greedy once when k = 1, else k draws at a
-    temperature > 0 (k greedy replies would all be the same one)."""
-    if ctx.samples <= 1:
-        return 1, 0.0, []
-    temperature = ctx.temperature if ctx.temperature > 0 else DEFAULT_SAMPLING_TEMPERATURE
-    note = f"avg@{ctx.samples} (temperature {temperature:g}"
-    note += ")" if ctx.temperature > 0 else ", the default for k > 1)"
-    return ctx.samples, temperature, [note]
-
-
-def draw_params(tokenizer: Any, max_new_tokens: int, temperature: float, seed: int | None,
-                top_p: float = 1.0) -> SamplingParams:
-    """Greedy (temperature 0) or seeded sampling that stops at the end of the assistant turn."""
-    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          seed=seed, stop_token_ids=chat_stop_ids(tokenizer))
-
-
-def generate_fitted(engine: Engine, prompts: Sequence[list[int]], params: SamplingParams,
-                    batch_size: int) -> list[Completion | None]:
-    """Completions in the order of `prompts`, `batch_size` prompts per engine call.
-
-    Prompts are batched by length, and each batch's `max_new_tokens` is lowered so that its
-    longest prompt plus the reply fits the model's context (the engine refuses what does not).
-    A prompt that leaves no room at all gets None: the caller counts it as not scored.
-    """
-    limit = engine.model.config.max_seq_len
-    results: list[Completion | None] = [None] * len(prompts)
-    order = sorted((i for i, p in enumerate(prompts) if len(p) < limit), key=lambda i: len(prompts[i]))
-    for start in range(0, len(order), max(batch_size, 1)):
-        chunk = order[start:start + max(batch_size, 1)]
-        room = limit - max(len(prompts[i]) for i in chunk)
-        fitted = params if room >= params.max_new_tokens else replace(params, max_new_tokens=room)
-        for i, completion in zip(chunk, engine.generate([prompts[i] for i in chunk], fitted)):
-            results[i] = completion
-    return results
 
 
 # --- smol tasks ------------------------------------------------------------------------------------
@@ -305,9 +246,7 @@ def load_samples(path: str | Path) -> list[dict[str, Any]]:
 
 def run(ctx: EvalContext) -> TaskResult:
     """The `smoltasks` eval task (options: `data`, or `tasks` and `n` for generated samples)."""
-    from smolforge.eval.core import TaskResult
-
-    template = require_chat_template(ctx)
+    template = chat_template(ctx)
     if ctx.option("data"):
         source = ctx.data_path()
         samples = load_samples(source)[:ctx.limit]

@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from smolforge.chat.reasoning import prompt_opens_think, split_reasoning
 from smolforge.chat.render import render_messages
@@ -34,16 +34,15 @@ from smolforge.data.sources import iter_records
 from smolforge.data.synth import NO_THINK_FLAG, THINK_FLAG, generate, thinking_honoured
 from smolforge.engine import Engine, SamplingParams
 from smolforge.errors import SmolforgeError
-from smolforge.eval.smol_tasks import (
-    HELD_OUT_SEED,
+from smolforge.eval.core import (
+    EvalContext,
+    TaskResult,
+    chat_template,
     draw_params,
     generate_fitted,
-    require_chat_template,
     sampling_plan,
 )
-
-if TYPE_CHECKING:
-    from smolforge.eval.core import EvalContext, TaskResult
+from smolforge.eval.smol_tasks import HELD_OUT_SEED
 
 DEFAULT_CONVERSATIONS = 40
 DEFAULT_TURNS = 3  # Multi-IF's conversations have three turns
@@ -183,9 +182,7 @@ def score(records: Sequence[Sequence[dict[str, Any]]], turns: Sequence[int]) -> 
 
 def run(ctx: EvalContext) -> TaskResult:
     """The `thinkfollow` eval task."""
-    from smolforge.eval.core import TaskResult
-
-    template = require_chat_template(ctx)
+    template = chat_template(ctx)
     if ctx.option("data"):
         source = ctx.data_path()
         conversations = load_conversations(source)[:ctx.limit]

@@ -28,7 +28,7 @@ from smolforge.chat.render import render_messages
 from smolforge.data.sources import iter_records
 from smolforge.data.synth import write_jsonl
 from smolforge.errors import SmolforgeError
-from smolforge.eval.smol_tasks import draw_params, generate_fitted, require_chat_template
+from smolforge.eval.core import chat_template, draw_params, generate_fitted
 from smolforge.train.checkpoint import read_meta
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ def run(ctx: EvalContext) -> TaskResult:
     """The `vibes` eval task."""
     from smolforge.eval.core import TaskResult
 
-    template = require_chat_template(ctx)
+    template = chat_template(ctx)
     prompts = load_prompts(ctx.data_path()) if ctx.option("data") else PROMPTS
     prompts = prompts[:ctx.limit]
     tokenizer = ctx.tokenizer

@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from smolforge.chat.reasoning import prompt_opens_think
-from smolforge.chat.render import render_messages
+from smolforge.chat.render import end_of_turn_ids, render_messages
 from smolforge.engine import (
     Completion,
     ContinuousBatcher,
@@ -108,9 +108,8 @@ class _Server:
         self.defaults = defaults
         self.context_length = model.config.max_seq_len
         self.created = int(time.time())
-        im_end = tokenizer.token_to_id("<|im_end|>")
         # Chat replies end at the template's end-of-turn marker as well as EOS (the engine adds EOS).
-        self.chat_stop_ids = [] if im_end is None else [im_end]
+        self.chat_stop_ids = end_of_turn_ids(tokenizer)
         self.batcher: ContinuousBatcher | None = None
         self.limiter: anyio.CapacityLimiter | None = None
 
