@@ -3,7 +3,8 @@
 A random model of a preset (`smol-3m` by default: the CPU quickstart's size) with a byte-level
 BPE trained on the bundled tinyshakespeare is saved as a checkpoint, and each task is run through
 the eval runner on the first `--limit` examples of ../shared/data (bpb: `--limit` windows of the
-model's context length of the bundled validation text; gsm8k: greedy, `--max-new-tokens`, which a
+model's context length of the bundled validation text; generative tasks (gsm8k, ifeval and the
+chat tasks, which render through the smollm3 template): greedy, `--max-new-tokens`, which a
 random model fills before stopping). examples/s = examples / the task's own seconds (data reading
 and model loading excluded), median of `--repeats` runs after a warm-up.
 
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from smolforge.chat.render import load_template
 from smolforge.eval import multiple_choice as mc
 from smolforge.eval.runner import evaluate
 from smolforge.model import PRESETS, Transformer
@@ -38,11 +40,15 @@ from smolforge.tokenizer import train_tokenizer
 from smolforge.train.checkpoint import load_model, save_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-TASKS = {  # task -> data file under ../shared/data (None: bundled text)
+TASKS = {  # task -> data file under ../shared/data (None: the task's bundled or generated data)
     "bpb": None,
     "arc_easy": "mc/arc_easy.jsonl",
     "piqa": "mc/piqa.jsonl",
     "gsm8k": "gsm8k/test.jsonl",
+    "ifeval": None,
+    "smoltasks": None,
+    "thinkfollow": None,
+    "vibes": None,
 }
 
 
@@ -52,6 +58,7 @@ def build_checkpoint(root: Path, preset: str, vocab: int) -> Path:
         warnings.simplefilter("ignore")
         tokenizer = train_tokenizer([root / "corpus.txt"], vocab_size=vocab)
     torch.manual_seed(0)
+    tokenizer.chat_template = load_template("smollm3")  # the chat tasks render through it
     model = Transformer(PRESETS[preset]().model_copy(update={"vocab_size": tokenizer.vocab_size}))
     return save_checkpoint(root / "ckpt", model, tokenizer)
 
