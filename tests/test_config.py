@@ -9,6 +9,7 @@ import yaml
 
 from smolforge.config import (
     DPORecipe,
+    GRPORecipe,
     PretrainRecipe,
     SFTRecipe,
     add_recipe_arguments,
@@ -107,5 +108,5 @@ def test_every_bundled_recipe_is_valid():
     assert len(recipes) >= 2
     for path in recipes:
         # A recipe's stage is in its name: *-sft.yaml is for `smolforge sft`, *-dpo.yaml for `dpo`.
-        schema = {"sft": SFTRecipe, "dpo": DPORecipe}.get(path.stem.rsplit("-", 1)[-1], PretrainRecipe)
+        schema = {"sft": SFTRecipe, "dpo": DPORecipe, "grpo": GRPORecipe}.get(path.stem.rsplit("-", 1)[-1], PretrainRecipe)
         load_recipe(path, schema=schema)

@@ -1,4 +1,6 @@
-"""Data-parallel pretraining: `torchrun` x 2 on CPU (gloo) must train like one process."""
+"""Data-parallel pretraining: `torchrun` x 2 on CPU (gloo) must train like one process.
+
+FSDP2 and cross-world-size resumes: tests/test_fsdp.py; SFT and DPO: tests/test_distributed_stages.py."""
 
 from __future__ import annotations
 
@@ -89,17 +91,17 @@ def test_rank_shards_are_the_single_process_batch_and_states_agree(prepared):  #
     assert states[0]["counts"] == whole.state_dict()["counts"]
 
 
-def test_global_batch_must_split_and_only_pretraining_is_data_parallel(prepared, tmp_path):  # noqa: F811
+def test_global_batch_must_split_and_online_rl_is_single_process(prepared, tmp_path):  # noqa: F811
     two = DistInfo(rank=0, world_size=2)
     train_data, _ = build_data(recipe_for(prepared, tmp_path, batch_size=4), None, dist=two)
     assert train_data.batch_size == 2 and train_data.world_size == 2
     with pytest.raises(SmolforgeError, match="divide evenly"):
         build_data(recipe_for(prepared, tmp_path, batch_size=3), None, dist=two)
-    from smolforge.config import SFTDataConfig
+    from smolforge.config import RLDataConfig
 
     recipe = recipe_for(prepared, tmp_path)
-    recipe = recipe.model_copy(update={"data": SFTDataConfig.model_construct()})
-    with pytest.raises(SmolforgeError, match="pretraining data only"):
+    recipe = recipe.model_copy(update={"data": RLDataConfig.model_construct()})
+    with pytest.raises(SmolforgeError, match="online RL"):
         build_data(recipe, None, dist=two)
 
 

@@ -245,7 +245,8 @@ def test_bad_adapter_directories_are_named(base_dir, tmp_path):
     save_file(weights, path / "adapter_model.safetensors")
 
     config = json.loads((path / "adapter_config.json").read_text())
-    for key, value in (("use_dora", True), ("target_modules", "all-linear"), ("peft_type", "IA3")):
+    for key, value in (("use_dora", True), ("target_modules", "all-linear"), ("peft_type", "IA3"),
+                       ("modules_to_save", ["lm_head"])):  # a head in full: reward models' score only
         (path / "adapter_config.json").write_text(json.dumps({**config, key: value}))
         with pytest.raises(SmolforgeError, match=key):
             load_adapter(fresh, path)

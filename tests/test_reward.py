@@ -12,16 +12,30 @@ import pytest
 import torch
 
 from smolforge.chat.render import load_template, render_for_training
-from smolforge.config import TrainConfig
+from smolforge.cli import main
+from smolforge.config import RewardRecipe, TrainConfig, load_recipe
 from smolforge.errors import SmolforgeError
 from smolforge.model import KVCache, ModelConfig, ModelOutput, Transformer, debug
 from smolforge.tokenizer import train_tokenizer
-from smolforge.train.checkpoint import save_checkpoint, verify_checkpoint
+from smolforge.train import objectives
+from smolforge.train.checkpoint import load_model, read_meta, save_checkpoint, verify_checkpoint
+from smolforge.train.loop import train
+from smolforge.train.lora import (
+    LoraSettings,
+    adapter_state_dict,
+    apply_lora,
+    base_state_dict,
+    load_adapter,
+    lora_modules,
+    merge_lora,
+    save_adapter,
+)
 from smolforge.train.objectives import OBJECTIVES
 from smolforge.train.reward import (
     RewardModel,
     bradley_terry,
     load_reward_model,
+    reward_model_from,
     reward_objective,
     save_reward_model,
     score_command,
@@ -297,3 +311,164 @@ def test_score_command_writes_rewards(tokenizer, tmp_path):
     data.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(SmolforgeError, match=r"data.jsonl:2 field 'response'"):
         score_command(args)
+
+
+# --- LoRA on the reward model: adapters on the body, the head in full (peft's modules_to_save) ---------
+
+
+def toy_reward_model() -> RewardModel:
+    return RewardModel(ModelConfig(**{**debug().model_dump(), "vocab_size": 64, "hidden_size": 32,
+                                      "intermediate_size": 64}), pad_id=0)
+
+
+def test_lora_reward_model_trains_adapters_and_head_only_and_learns_the_toy_preference():
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    rm = toy_reward_model()
+    with pytest.raises(SmolforgeError, match="unknown LoRA target"):  # the head trains in full instead
+        apply_lora(rm, LoraSettings(r=8, target_modules=["q_proj", "score"]))
+    body = {k: v.clone() for k, v in rm.state_dict().items() if k != "score.weight"}
+    head = rm.score.weight.detach().clone()
+    params = apply_lora(rm, LoraSettings(r=8, alpha=16))
+    trainable = {name for name, p in rm.named_parameters() if p.requires_grad}
+    assert "score.weight" in trainable and all(".lora_" in n for n in trainable - {"score.weight"})
+    assert {id(p) for p in params} == {id(p) for p in rm.parameters() if p.requires_grad}
+    assert "base_model.model.score.weight" in adapter_state_dict(rm)
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    for _ in range(60):
+        ids, lengths = toy_pairs(16, generator)
+        loss, _ = reward_objective(rm(ids, lengths=lengths), {}, TrainConfig())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    rm.eval()
+    with torch.no_grad():
+        ids, lengths = toy_pairs(64, torch.Generator().manual_seed(99))
+        output = rm(ids, lengths=lengths)
+        _, metrics = reward_objective(output, {}, TrainConfig())
+    assert metrics["accuracy"].item() > 0.9, metrics
+    after = base_state_dict(rm)
+    assert all(torch.equal(after[k], v) for k, v in body.items())  # the body's weights never moved
+    assert not torch.equal(rm.score.weight, head)  # the head trained
+    with torch.no_grad():  # merged: the same rewards from plain Linear layers
+        torch.testing.assert_close(merge_lora(rm)(ids, lengths=lengths).logits, output.logits, atol=1e-5, rtol=0)
+    assert not lora_modules(rm)
+
+
+def test_lora_reward_adapter_loads_in_peft_on_the_base_sequence_classifier(tokenizer, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    causal = Transformer(tiny())
+    randomise(causal)
+    base = save_checkpoint(tmp_path / "base", causal, tokenizer)  # what a reward run starts from
+    rm, _ = reward_model_from(base)
+    settings = LoraSettings(r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    apply_lora(rm, settings)
+    with torch.no_grad():  # B = 0 would hide a misplaced adapter
+        for module in lora_modules(rm).values():
+            module.lora_B.weight.normal_(0, 0.05)
+        rm.score.weight.normal_()
+    adapter = save_adapter(tmp_path / "adapter", rm, settings, str(base))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = peft.PeftModel.from_pretrained(hf, adapter).eval()
+    assert not [w for w in caught if "keys" in str(w.message).lower()], [str(w.message) for w in caught]
+    ids, lengths = right_padded([9, 3, 12, 6], tokenizer.pad_id)
+    attention_mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+    with torch.no_grad():
+        ours = rm.eval()(ids, lengths=lengths).logits
+        theirs = peft_model(input_ids=ids, attention_mask=attention_mask).logits[:, 0]
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    # `smolforge merge-lora` folds it into a reward model with the same rewards
+    assert main(["merge-lora", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    merged, _ = load_reward_model(tmp_path / "merged")
+    assert read_meta(tmp_path / "merged")["stage"] == "merge-lora"
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids, lengths=lengths).logits, ours, atol=1e-5, rtol=0)
+    # and a reward model's adapter is refused on a language model, and the other way round
+    with pytest.raises(SmolforgeError, match="for a reward model"):
+        load_adapter(load_model(base)[0], adapter)
+    lm = load_model(base)[0]
+    apply_lora(lm, settings)
+    save_adapter(tmp_path / "lm-adapter", lm, settings, None)
+    with pytest.raises(SmolforgeError, match="for a causal language model"):
+        load_adapter(reward_model_from(base)[0], tmp_path / "lm-adapter")
+
+
+WORDS = ["hello", "world", "quick", "brown", "fox", "answer"]
+
+
+@pytest.fixture(scope="module")
+def preference_setup(tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rm-lora")
+    pairs = [{"prompt": f"say {w}", "chosen": f"good {w}", "rejected": f"bad {w}"} for w in WORDS] * 4
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    torch.manual_seed(0)
+    save_checkpoint(root / "base", Transformer(tiny()), tokenizer)
+    return root
+
+
+def lora_reward_run(setup, tmp_path, name: str, resume: bool = False):
+    recipe = load_recipe(None, {
+        "run.dir": str(tmp_path), "run.name": name, "run.init_from": str(setup / "base"),
+        "data.train": [{"path": str(setup / "pairs.jsonl")}], "data.template": "chatml", "data.seq_len": 64,
+        "data.val_fraction": 0.2, "lora.r": 4, "lora.alpha": 8, "train.epochs": 0, "train.max_steps": 12,
+        "train.batch_size": 4, "train.grad_accum": 1, "train.lr": 1e-2, "train.log_every": 1,
+        "train.eval_every": 0, "train.save_every": 6, "train.threads": 1}, RewardRecipe)
+    return train(recipe, resume=resume, stage="reward")
+
+
+def losses(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lora_reward_stage_learns_saves_merged_and_peft_and_resumes_exactly(preference_setup, tmp_path,
+                                                                             monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    full = lora_reward_run(preference_setup, tmp_path, "full")
+    log = losses(full.run_dir)
+    steps = [r for r in log if "loss" in r]
+    assert sum(r["loss"] for r in steps[-3:]) / 3 < 0.5 * steps[0]["loss"]
+    assert log[-1]["val_accuracy"] > 0.5 and log[-1]["val_loss"] < steps[0]["loss"]  # held-out pairs
+    final = full.final_checkpoint
+    meta = read_meta(final)
+    assert meta["stage"] == "reward" and meta["lora"]["r"] == 4
+    merged, _ = load_reward_model(final)
+    base, _ = load_model(preference_setup / "base")
+    body, start = merged.state_dict(), base.state_dict()
+    assert torch.equal(body["model.embed_tokens.weight"], start["model.embed_tokens.weight"])  # not a target
+    assert torch.equal(body["model.layers.1.post_attention_layernorm.weight"],
+                       start["model.layers.1.post_attention_layernorm.weight"])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(body[q], start[q])  # the merged adapter
+    # the adapter directory on the base checkpoint, loaded by transformers + peft: the same rewards
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(preference_setup / "base", num_labels=1)
+    peft_model = peft.PeftModel.from_pretrained(hf, full.run_dir / "adapter").eval()
+    ids, lengths = right_padded([9, 5, 12], merged.pad_id)
+    attention_mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids, attention_mask=attention_mask).logits[:, 0],
+                                   merged(ids, lengths=lengths).logits, atol=1e-5, rtol=1e-4)
+    # crash in step 7 (after the step-6 checkpoint), resume: adapters, head and optimizer come back
+    calls = {"n": 0}
+
+    def crashy(output, batch, cfg):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("injected crash")
+        return reward_objective(output, batch, cfg)
+
+    monkeypatch.setitem(objectives.OBJECTIVES, "reward", crashy)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        lora_reward_run(preference_setup, tmp_path, "split")
+    monkeypatch.setitem(objectives.OBJECTIVES, "reward", reward_objective)
+    resumed = lora_reward_run(preference_setup, tmp_path, "split", resume=True)
+    assert [r["loss"] for r in losses(resumed.run_dir) if "loss" in r] == [r["loss"] for r in steps]
+    again, _ = load_reward_model(resumed.final_checkpoint)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in merged.state_dict().items())

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "smolforge.tokenizer",
     "smolforge.data.shards",
     "smolforge.stages",
+    "smolforge.train.fsdp",
     "smolforge.data.pairs",
     "smolforge.train.reward",
     "smolforge.engine",

@@ -135,6 +135,10 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
     activation_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward pass: much less memory, about a third more compute.")
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = all cores.")
+    parallel: Literal["ddp", "fsdp2"] = Field(
+        "ddp", description="Under torchrun (WORLD_SIZE > 1): ddp replicates the model on every rank; fsdp2 shards "
+                           "weights, gradients and optimizer state over the ranks (fully_shard per block). "
+                           "Ignored in a single process.")
     log_every: int = Field(10, gt=0, description="Steps between log lines and metrics.jsonl records.")
     eval_every: int = Field(200, ge=0, description="Steps between validation passes; 0 = only at the end.")
     eval_batches: int = Field(20, ge=0, description="Validation batches per pass; 0 = the whole validation set.")
@@ -240,6 +244,111 @@ class RewardRecipe(DPORecipe):
     DEFAULT_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {"train": {
         "objective": "reward", "epochs": 1.0, "batch_size": 8, "grad_accum": 4, "lr": 1e-5,
         "schedule": "linear", "warmup_steps": 0, "weight_decay": 0.0, "eval_every": 100}}
+
+
+class RLSourceConfig(ChatSourceConfig):
+    """A file of RL prompts: {"prompt" | "messages", optional "answer", "check", "constraints", ...}."""
+
+
+class RLDataConfig(Section):
+    """Prompts for online RL (`smolforge grpo`): the policy writes the responses itself."""
+
+    # One prompt + completion per row: there is never a second document to mask (the loop reads this).
+    document_masking: ClassVar[bool] = False
+
+    tokenizer: str = Field("", description="Tokenizer directory; empty = the one of run.init_from.")
+    train: list[RLSourceConfig] = Field(default_factory=list, description="Prompt files, read in a seeded order, reshuffled every epoch.")
+    template: str = Field("auto", description="Chat template: auto (the tokenizer's own, else smollm3), chatml, smollm3, tokenizer, or a .jinja path.")
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="Template switches for every source (a source's and a record's own win).")
+    seq_len: int = Field(512, gt=1, description="Most tokens of prompt + completion: a prompt may take seq_len - grpo.max_new_tokens.")
+    truncation: Literal["drop", "truncate", "error"] = Field(
+        "drop", description="Prompts too long for seq_len - grpo.max_new_tokens: drop them (counted), keep their last tokens, or stop with an error.")
+    skip_invalid: bool = Field(False, description="Skip (and count) malformed records instead of stopping.")
+
+
+class GRPOTrainConfig(TrainConfig):
+    """Optimisation as for every stage, plus the GRPO loss (Shao et al. 2024; DAPO; Dr. GRPO)."""
+
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        "dapo", description="Loss normalisation: grpo = per-sequence token mean, then mean over sequences (Shao et al. "
+                            "2024); dr_grpo = token sum / (sequences x grpo.max_new_tokens) (Liu et al. 2025); dapo = "
+                            "mean over every completion token of the step (Yu et al. 2025; TRL's default).")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Clip range of the policy ratio: [1 - epsilon, 1 + epsilon_high] (PPO's 0.2).")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clip range; empty = epsilon. DAPO's clip-higher uses 0.28.")
+    beta: float = Field(0.0, ge=0, description="Weight of the k3 KL penalty to the reference model; 0 = no reference at all "
+                                               "(DAPO, Dr. GRPO, TRL's default). DeepSeekMath used 0.04.")
+
+
+class RewardSpec(BaseModel):
+    """One reward function and its weight; any other key is an option of the function (e.g. max_len)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(description="A reward of the registry: smol_task, gsm8k, ifeval, think_format, length, overlong, "
+                                  "contains, reward_model (see docs/rl.md).")
+    weight: float = Field(1.0, description="Multiplies this reward in the weighted sum that is a completion's reward.")
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class GRPOConfig(Section):
+    """Rollouts, rewards and the reference model of GRPO (Shao et al. 2024, DeepSeekMath)."""
+
+    group_size: int = Field(8, ge=2, description="Completions sampled per prompt (G); advantages compare the completions of a group.")
+    prompts_per_step: int = Field(8, gt=0, description="Prompts per rollout; a rollout holds prompts_per_step x group_size completions "
+                                                       "and must be a multiple of train.batch_size x train.grad_accum.")
+    num_iterations: int = Field(1, gt=0, description="Optimisation passes over each rollout (mu in Shao et al. 2024); with more than one "
+                                                     "step per rollout the old log-probs are recorded at generation.")
+    max_new_tokens: int = Field(256, gt=0, description="Most tokens per completion; a completion cut there is flagged truncated.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs are taken at the same temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; 1 = off.")
+    top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens; 0 = off.")
+    rewards: list[RewardSpec] = Field(default_factory=list, description="Reward functions summed with their weights, e.g. "
+                                      "[{name: smol_task}, {name: overlong, weight: 1, max_len: 96, soft: 24}].")
+    scale_rewards: Literal["auto", "group", "none"] = Field(
+        "auto", description="Divide advantages by the group's reward std (group) or not (none, Dr. GRPO); auto = none "
+                            "for loss_type dr_grpo, else group.")
+    mask_truncated: bool = Field(False, description="Give truncated completions no loss (DAPO's overlong filtering); "
+                                                    "they still count in their group's advantages.")
+    reference: Literal["cached", "online"] = Field(
+        "cached", description="With train.beta > 0: cached = reference log-probs computed once per rollout, at generation; "
+                              "online = recomputed for every micro-batch served (same numbers, more compute).")
+    reference_model: str = Field("", description="Reference checkpoint; empty = run.init_from. With LoRA the frozen base "
+                                                 "(adapters off) is the reference and none is loaded.")
+    reference_device: str = Field("auto", description="Where the reference model lives: auto (the training device) or cpu "
+                                                      "(frees accelerator memory; it scores once per rollout).")
+    generation_batch_size: int = Field(0, ge=0, description="Completions per engine call; 0 = the whole rollout at once.")
+
+
+class GRPORecipe(PretrainRecipe):
+    """A full recipe for `smolforge grpo`: RL prompts, rewards, rollouts and the GRPO loss."""
+
+    # DeepSeekMath's and DAPO's constant 1e-6 learning rate (TRL's default too), no weight decay;
+    # 16 x 4 = 64 completions per optimizer step = one rollout of 8 prompts x 8 completions.
+    DEFAULT_OVERRIDES: ClassVar[dict[str, dict[str, Any]]] = {"train": {
+        "objective": "grpo", "max_steps": 200, "batch_size": 16, "grad_accum": 4, "lr": 1e-6,
+        "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.0, "eval_every": 0, "save_every": 50,
+        "log_every": 1}}
+
+    data: RLDataConfig = Field(default_factory=RLDataConfig)  # type: ignore[assignment]
+    train: GRPOTrainConfig = Field(default_factory=GRPOTrainConfig)  # type: ignore[assignment]
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+
+    @model_validator(mode="after")
+    def _check_rollouts(self) -> GRPORecipe:
+        g, t = self.grpo, self.train
+        if not g.rewards:
+            raise ValueError("grpo.rewards is empty: list at least one reward, e.g. [{name: smol_task}]")
+        rollout, per_step = g.prompts_per_step * g.group_size, t.batch_size * t.grad_accum
+        if rollout % per_step:
+            raise ValueError(f"a rollout of grpo.prompts_per_step x grpo.group_size = {rollout} completions is not a "
+                             f"multiple of train.batch_size x train.grad_accum = {per_step}, the completions of one "
+                             f"optimizer step")
+        if g.max_new_tokens >= self.data.seq_len:
+            raise ValueError(f"grpo.max_new_tokens ({g.max_new_tokens}) leaves no room for a prompt within "
+                             f"data.seq_len ({self.data.seq_len})")
+        return self
 
 
 # --- loading, overriding, saving ----------------------------------------------------------------

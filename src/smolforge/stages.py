@@ -1,4 +1,4 @@
-"""`smolforge pretrain | sft | dpo | reward RECIPE`: the one training loop, one recipe schema per stage.
+"""`smolforge pretrain | sft | dpo | reward | grpo RECIPE`: the one training loop, one recipe schema per stage.
 
 The stages differ only in their recipe schema (data section and defaults) and thereby in their
 data and objective (DESIGN.md principle 1); `register` builds every command from `STAGES`.
@@ -12,6 +12,7 @@ import sys
 
 from smolforge.config import (
     DPORecipe,
+    GRPORecipe,
     PretrainRecipe,
     RewardRecipe,
     SFTRecipe,
@@ -40,6 +41,14 @@ STAGES = {
                "that chosen responses score above rejected ones; reports pairwise accuracy on held-out "
                "pairs. The result loads in transformers as a *ForSequenceClassification model and "
                "scores JSONL with `smolforge score`."),
+    "grpo": (GRPORecipe, "Online RL with verifiable rewards: GRPO (DeepSeekMath; DAPO, Dr. GRPO variants).",
+             "Sample grpo.group_size completions per prompt with the policy itself, score them with the "
+             "rewards of grpo.rewards (smol-task checkers, GSM8K answers, IFEval instructions, format, "
+             "length and DAPO overlong penalties, a reward model), and train on group-normalised "
+             "advantages with the clipped ratio objective (train.loss_type grpo, dr_grpo or dapo; "
+             "train.beta > 0 adds a k3 KL to the reference). Example: `smolforge grpo "
+             "recipes/quickstart-grpo.yaml --run.init_from runs/quickstart/sft/final --data.train "
+             "'[{path: prompts.jsonl}]'`; see docs/rl.md."),
 }
 
 

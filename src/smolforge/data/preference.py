@@ -33,6 +33,7 @@ from smolforge.data.packing import collate, pack_row
 from smolforge.data.sft import SHOWN_LOCATIONS, EpochLoader, resolve_template
 from smolforge.data.sources import ReadStats, expand_paths, iter_records
 from smolforge.errors import SmolforgeError
+from smolforge.train.distributed import barrier
 from smolforge.train.preference import reference_logps
 
 CACHE_FILE = "reference_logps.pt"
@@ -193,7 +194,8 @@ class PreferenceLoader(EpochLoader):
     """
 
     def __init__(self, pairs: Sequence[RenderedPair], seq_len: int, batch_size: int, pad_id: int,
-                 seed: int = 0, manifest: list[dict[str, Any]] | None = None) -> None:
+                 seed: int = 0, manifest: list[dict[str, Any]] | None = None, rank: int = 0,
+                 world_size: int = 1) -> None:
         if not pairs:
             raise SmolforgeError("no preference pairs to train on")
         self.pairs, self.seq_len, self.pad_id = list(pairs), seq_len, pad_id
@@ -202,7 +204,7 @@ class PreferenceLoader(EpochLoader):
         self.ref_model: torch.nn.Module | None = None  # when computed online
         self.kto = False  # add `kto_desirable` flags (the "kto" objective)
         self.device = torch.device("cpu")
-        super().__init__(batch_size, seed, manifest)
+        super().__init__(batch_size, seed, manifest, rank, world_size)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -279,9 +281,12 @@ def attach_reference(loaders: Sequence[PreferenceLoader], ref_path: str, mode: s
     del model
 
 
-def build_preference_loaders(recipe: Any, tokenizer: Any, device: torch.device,
-                             run_dir: Path) -> tuple[PreferenceLoader, PreferenceLoader | None]:
-    """Training and validation loaders for a preference recipe, with reference log-probs attached."""
+def build_preference_loaders(recipe: Any, tokenizer: Any, device: torch.device, run_dir: Path, rank: int = 0,
+                             world_size: int = 1) -> tuple[PreferenceLoader, PreferenceLoader | None]:
+    """Training and validation loaders for a preference recipe, with reference log-probs attached.
+
+    `train.batch_size` is the global pairs per micro-batch; under torchrun the training loader
+    serves this `rank`'s share of it (see `EpochLoader`)."""
     data_cfg = recipe.data
     if not data_cfg.train:
         raise SmolforgeError("data.train is empty: list at least one file of preference pairs")
@@ -307,7 +312,8 @@ def build_preference_loaders(recipe: Any, tokenizer: Any, device: torch.device,
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     manifest = [{"name": s.name, "path": c.path, "pairs": len(s.pairs)} for s, c in zip(sources, data_cfg.train)]
     batch = recipe.train.batch_size
-    train = PreferenceLoader(train_pairs, data_cfg.seq_len, batch, pad_id, recipe.run.seed, manifest)
+    train = PreferenceLoader(train_pairs, data_cfg.seq_len, batch // world_size, pad_id, recipe.run.seed, manifest,
+                             rank=rank, world_size=world_size)
     val = PreferenceLoader(val_pairs, data_cfg.seq_len, batch, pad_id, recipe.run.seed) if val_pairs else None
     loaders = [loader for loader in (train, val) if loader is not None]
     for loader in loaders:
@@ -319,7 +325,13 @@ def build_preference_loaders(recipe: Any, tokenizer: Any, device: torch.device,
     print(f"  {len(train):,} training pairs, {len(val_pairs):,} validation pairs")
     if objective_needs_reference(recipe.train.objective):
         print(f"  reference log-probs from {ref_path} ({data_cfg.reference})")
+        # Under torchrun rank 0 computes and caches the reference log-probs first; the other ranks
+        # wait, then read its cache instead of racing to write the same file.
+        if rank != 0:
+            barrier()
         attach_reference(loaders, ref_path, data_cfg.reference, run_dir / "reference", device, 2 * batch)
+        if rank == 0 and world_size > 1:
+            barrier()
     return train, val
 
 

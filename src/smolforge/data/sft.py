@@ -313,10 +313,19 @@ class EpochLoader:
 
     Items are reshuffled every epoch with a seed derived from (seed, epoch); the state is two
     counters, so a resumed run continues with the exact batches it would have seen.
+
+    Under torchrun (`world_size` > 1) `batch_size` is this rank's share: each call walks the
+    global micro-batch of `batch_size x world_size` items, the one a single process would take,
+    and keeps items rank, rank + world_size, ... (as `PretrainLoader` does). The counters stay
+    global, the same on every rank, so a checkpoint from any rank resumes any number of ranks.
     """
 
-    def __init__(self, batch_size: int, seed: int, manifest: list[dict[str, Any]] | None) -> None:
+    def __init__(self, batch_size: int, seed: int, manifest: list[dict[str, Any]] | None,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self._manifest = manifest or []
         self.epoch, self.position = 0, 0
         self._order = self._shuffled(0)
@@ -332,17 +341,17 @@ class EpochLoader:
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         picked = []
-        while len(picked) < self.batch_size:
+        while len(picked) < self.batch_size * self.world_size:
             if self.position == len(self._order):
                 self.epoch += 1
                 self.position = 0
                 self._order = self._shuffled(self.epoch)
             picked.append(self._order[self.position])
             self.position += 1
-        return self._batch(picked)
+        return self._batch(picked[self.rank::self.world_size])
 
     def steps_per_epoch(self, grad_accum: int) -> float:
-        return len(self) / (self.batch_size * grad_accum)
+        return len(self) / (self.batch_size * self.world_size * grad_accum)
 
     def epochs_done(self) -> float:
         return self.epoch + self.position / len(self)
@@ -371,7 +380,7 @@ class SFTLoader(EpochLoader):
 
     def __init__(self, examples: Sequence[SFTExample], seq_len: int, batch_size: int, packing: str,
                  pad_id: int, seed: int = 0, source_epochs: dict[str, float] | None = None,
-                 manifest: list[dict[str, Any]] | None = None) -> None:
+                 manifest: list[dict[str, Any]] | None = None, rank: int = 0, world_size: int = 1) -> None:
         pairs = [(e.input_ids, e.labels) for e in examples]
         try:
             if packing == "wrapped":
@@ -391,7 +400,7 @@ class SFTLoader(EpochLoader):
         self.seq_len = seq_len
         self.tokens_per_batch = batch_size * seq_len  # upper bound; real counts come per batch
         self.source_epochs = source_epochs or {}
-        super().__init__(batch_size, seed, manifest)
+        super().__init__(batch_size, seed, manifest, rank, world_size)
 
     def __len__(self) -> int:
         return len(self.row_tokens)
@@ -441,9 +450,12 @@ def describe_sources(sources: Sequence[SourceData]) -> str:
     return "\n".join(lines)
 
 
-def build_sft_loaders(data_cfg: Any, tokenizer: Any, batch_size: int,
-                      seed: int) -> tuple[SFTLoader, SFTLoader | None]:
+def build_sft_loaders(data_cfg: Any, tokenizer: Any, batch_size: int, seed: int, rank: int = 0,
+                      world_size: int = 1) -> tuple[SFTLoader, SFTLoader | None]:
     """Training and validation loaders for an `SFTDataConfig`.
+
+    `batch_size` is the global rows per micro-batch; under torchrun the training loader serves
+    this `rank`'s share of it, the validation loader stays whole (every rank evaluates all of it).
 
     The chat template used is also set on `tokenizer`, so the checkpoints the stage writes carry
     the template the model was trained with (chat, serving and evaluation render with it).
@@ -471,8 +483,8 @@ def build_sft_loaders(data_cfg: Any, tokenizer: Any, batch_size: int,
     print(describe_sources(sources))
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     manifest = [source_manifest(s, c.path) for s, c in zip(sources, data_cfg.train)]
-    train = SFTLoader(mixture, data_cfg.seq_len, batch_size, data_cfg.packing, pad_id, seed,
-                      source_epochs=epochs, manifest=manifest)
+    train = SFTLoader(mixture, data_cfg.seq_len, batch_size // world_size, data_cfg.packing, pad_id, seed,
+                      source_epochs=epochs, manifest=manifest, rank=rank, world_size=world_size)
     val = (SFTLoader(val_examples, data_cfg.seq_len, batch_size, data_cfg.packing, pad_id, seed)
            if val_examples else None)
     print(f"  {len(train):,} training rows ({data_cfg.packing} packing, {100 * train.padding_fraction:.1f}% "

@@ -264,8 +264,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("recipe", nargs="?", help="YAML recipe (see recipes/); omit to use only flags.")
     parser.add_argument("--stage", choices=["pretrain", "sft", "dpo"], default="pretrain", help="Schema and defaults to read the recipe with.")
     parser.add_argument("--gpus", type=int, default=1, help="Data-parallel world size (GPUs).")
-    parser.add_argument("--parallel", choices=["ddp", "fsdp2"], default="ddp",
-                        help="ddp replicates weights, gradients and optimizer state; fsdp2 shards them over --gpus.")
+    parser.add_argument("--parallel", choices=["ddp", "fsdp2"], default=None,
+                        help="ddp replicates weights, gradients and optimizer state; fsdp2 shards them over --gpus. "
+                             "Default: the recipe's train.parallel.")
     parser.add_argument("--gpu", choices=list(GPUS), default="h100", help="GPU model: peak bf16 FLOP/s and memory.")
     parser.add_argument("--mfu", type=float, default=0.4, help="Assumed model FLOPs utilisation (playbook: ~0.3).")
     parser.add_argument("--activation-checkpointing", action="store_true", help="Same as --train.activation_checkpointing true.")
@@ -288,7 +289,7 @@ def _run(args: argparse.Namespace) -> int:
         hint = " (an SFT or DPO recipe? pass --stage sft or --stage dpo)" if "unknown key" in str(exc) else ""
         raise SmolforgeError(f"{exc}{hint if args.stage == 'pretrain' else ''}") from None
     cfg, source = resolve_model(recipe)
-    setup = Setup(args.gpus, args.parallel, args.gpu, args.mfu, args.activation_checkpointing, args.margin)
+    setup = Setup(args.gpus, args.parallel or recipe.train.parallel, args.gpu, args.mfu, args.activation_checkpointing, args.margin)
     # An online DPO reference is loaded in its stored dtype (load_model keeps it); fp32 when unknown.
     ref = getattr(recipe.data, "reference_model", "") or recipe.run.init_from
     stored = json.loads(path.read_text(encoding="utf-8")) if ref and (path := local_config(ref)) else {}

@@ -49,6 +49,10 @@ STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 LATEST_FILE = "latest"
+# Sharded training checkpoints (FSDP2) hold torch.distributed.checkpoint files here instead of
+# model.safetensors; `smolforge consolidate` turns one into a normal checkpoint directory.
+DCP_DIR = "dcp"
+DCP_METADATA = f"{DCP_DIR}/.metadata"
 SHARD_FILE = "model-{index:05d}-of-{count:05d}.safetensors"  # transformers' shard names
 # Sampling defaults of the SmolLM3 release (playbook ch. 07): temperature 0.6, top-p 0.95.
 GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}
@@ -80,11 +84,13 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _fsync_tree(directory: Path) -> None:
-    """Flush every file of a (flat) checkpoint directory and the directory itself to disk."""
-    for path in directory.iterdir():
+    """Flush every file of a checkpoint directory (and its `dcp/` folder) and the directories to disk."""
+    for path in directory.rglob("*"):
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
     _fsync_dir(directory)
 
 
@@ -197,28 +203,50 @@ def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Tokeni
     directory = Path(directory)
     cfg = model.config
     adapter = hf.adapter_for(cfg)  # refuse inexpressible models before touching the disk
+    state = {name: t.detach().to(dtype if dtype and t.is_floating_point() else t.dtype).cpu().contiguous()
+             for name, t in adapter.to_hf(model.state_dict(), cfg).items()}
+    dtype_name = str(state["model.embed_tokens.weight"].dtype).removeprefix("torch.")
+    return write_checkpoint_dir(directory, cfg, tokenizer, lambda tmp: _write_weights(tmp, state, max_shard_bytes),
+                                meta=meta, trainer_state=trainer_state, dtype_name=dtype_name,
+                                generation_config=generation_config)
+
+
+def staging_dir(directory: Path) -> Path:
+    """The empty temporary sibling (`.tmp-<name>-<pid>`) a checkpoint is written into, then moved.
+
+    Raises SmolforgeError when `directory` holds something other than a checkpoint."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     _tidy_temporaries(directory)
     if directory.exists() and not (directory / META_FILE).is_file() and any(directory.iterdir()):
         raise SmolforgeError(f"{directory} exists and is not a smolforge checkpoint (no {META_FILE}); "
                              f"refusing to replace it: choose another path or remove it")
-    state = {name: t.detach().to(dtype if dtype and t.is_floating_point() else t.dtype).cpu().contiguous()
-             for name, t in adapter.to_hf(model.state_dict(), cfg).items()}
-    dtype_name = str(state["model.embed_tokens.weight"].dtype).removeprefix("torch.")
-    ids = hf.token_ids(tokenizer)
-
     tmp = directory.parent / f".tmp-{directory.name}-{os.getpid()}"
     tmp.mkdir()
+    return tmp
+
+
+def write_checkpoint_dir(directory: Path, cfg: ModelConfig, tokenizer: Tokenizer | None,
+                         write_weights: Callable[[Path], None], *, meta: dict[str, Any] | None,
+                         trainer_state: dict[str, Any] | None, dtype_name: str,
+                         generation_config: dict[str, Any] | None = None, tmp: Path | None = None) -> Path:
+    """Weights (`write_weights(tmp)`), config, tokenizer, trainer state and smolforge.json (with
+    the hash of every file, `dcp/` shards included) into `tmp`, then moved to `directory` atomically.
+
+    `tmp` is a `staging_dir(directory)` that already holds files (the shards that every rank of a
+    sharded run wrote); None makes a fresh one."""
+    adapter = hf.adapter_for(cfg)
+    ids = hf.token_ids(tokenizer)
+    tmp = tmp if tmp is not None else staging_dir(directory)
     try:
-        _write_weights(tmp, state, max_shard_bytes)
+        write_weights(tmp)
         _write_json(tmp / "config.json", hf.hf_config(cfg, ids, dtype=dtype_name))
         _write_json(tmp / "generation_config.json", generation_config or {**ids, **GENERATION_DEFAULTS})
         if tokenizer is not None:
             tokenizer.save(tmp)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE_FILE)
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
         record = {**META_DEFAULTS, **(meta or {}), "smolforge_version": __version__,
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "architecture": adapter.architecture, "model": cfg.model_dump(), "files": files}
@@ -264,10 +292,10 @@ def verify_checkpoint(directory: str | Path) -> None:
         raise SmolforgeError(f"{directory} has no {META_FILE}: it is not a complete smolforge checkpoint")
     files = meta.get("files")
     if (not isinstance(files, dict) or "config.json" not in files
-            or not (WEIGHTS_FILE in files or WEIGHTS_INDEX in files)):
+            or not (WEIGHTS_FILE in files or WEIGHTS_INDEX in files or DCP_METADATA in files)):
         raise SmolforgeError(f"{directory / META_FILE} does not record the checkpoint's files "
-                             f"(config.json and {WEIGHTS_FILE} or {WEIGHTS_INDEX}): the checkpoint "
-                             f"is incomplete")
+                             f"(config.json and {WEIGHTS_FILE}, {WEIGHTS_INDEX} or {DCP_METADATA}): "
+                             f"the checkpoint is incomplete")
     for name, info in files.items():
         file = directory / name
         if not file.is_file():
@@ -353,6 +381,9 @@ def _read_weights(path: Path, expected: str) -> tuple[dict[str, torch.Tensor], d
             if not file.is_file():
                 tensors = sorted(k for k, v in weight_map.items() if path / v == file)
                 raise SmolforgeError(f"{file} is missing: {index.name} lists it for {_few(tensors)}")
+    elif (path / DCP_DIR).is_dir():
+        raise SmolforgeError(f"{path} is a sharded training checkpoint (FSDP2, {DCP_DIR}/): gather it into a "
+                             f"normal checkpoint directory first with `smolforge consolidate {path} OUT`")
     else:
         hint = (" (only safetensors are read; pytorch_model.bin is not: convert it with transformers' "
                 "save_pretrained)") if (path / "pytorch_model.bin").exists() else ""
@@ -430,6 +461,12 @@ def save_run_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, 
     root = Path(run_dir) / "checkpoints"
     path = (writer or save_checkpoint)(root / checkpoint_name(step), model, tokenizer,
                                        meta={"step": step, **meta}, trainer_state=trainer_state)
+    return mark_latest(path, keep_last)
+
+
+def mark_latest(path: Path, keep_last: int) -> Path:
+    """Point checkpoints/latest at the new checkpoint `path`, then prune all but the newest `keep_last`."""
+    root = path.parent
     _write_text_atomic(root / LATEST_FILE, path.name + "\n")
     # Leftovers of crashed saves or deletions of other steps (a save only tidies its own name).
     for name in {m.group(1) for p in root.glob(".tmp-step_*") if (m := _TMP_NAME.fullmatch(p.name))}:

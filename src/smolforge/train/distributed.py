@@ -1,4 +1,5 @@
-"""Data parallelism on torch's own machinery: `torchrun` starts the processes, DDP syncs them.
+"""Data parallelism on torch's own machinery: `torchrun` starts the processes, DDP or FSDP2
+(`train.parallel`, see `smolforge.train.fsdp`) keeps them in step.
 
 Design: no home-made cluster code. `torchrun --nproc_per_node N -m smolforge.cli pretrain ...`
 sets RANK, WORLD_SIZE and LOCAL_RANK; `init_distributed` reads them and opens the process group
@@ -8,7 +9,11 @@ sets RANK, WORLD_SIZE and LOCAL_RANK; `init_distributed` reads them and opens th
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext, redirect_stdout
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +100,45 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor /= dist.get_world_size()
     return tensor
+
+
+def gradient_sync(module: torch.nn.Module, sync: bool) -> AbstractContextManager[Any]:
+    """Context for one micro-batch's backward: gradients are reduced over ranks only when `sync`.
+
+    Gradient accumulation needs one reduction per optimizer step, on the last micro-batch; the
+    others accumulate locally. DDP: `no_sync()`. FSDP2: `set_requires_gradient_sync(False)` skips
+    the reduce-scatter (unsharded gradients accumulate until the last micro-batch). A plain
+    module: nothing to do.
+    """
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(module, DistributedDataParallel):
+        return nullcontext() if sync else module.no_sync()
+    if isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(sync)
+    return nullcontext()
+
+
+def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """`clip_grad_norm_` that also takes FSDP2's sharded (DTensor) gradients; returns the full
+    pre-clip norm as a plain tensor (the same on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+    # Over DTensor gradients the norm is itself a DTensor (a reduction over the shards).
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+@contextmanager
+def quiet_unless(main: bool) -> Iterator[None]:
+    """Silence prints and warnings on ranks other than 0: one report per run, not one per rank."""
+    if main:
+        yield
+        return
+    with redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def cleanup(info: DistInfo) -> None:

@@ -7,16 +7,17 @@ autocast with fp32 master weights on CUDA (playbook ch. 04/07: bf16-only accumul
 periodic evaluation, atomic checkpoints with exact resume (model, optimizer, data position, RNG
 states), `metrics.jsonl`, and a progress bar with loss, lr, tokens/s and ETA.
 
-Under `torchrun` (pretraining only) the same loop runs data-parallel with DDP: each rank reads
-its share of every global batch (train.batch_size stays the global rows per micro-batch), the
-loss weights use global token counts so the gradient equals the single-process one, and rank 0
-alone writes files and prints. Evaluation: every rank runs the full validation set on its own
-(identical numbers, no extra collectives) and rank 0 logs it.
+Under `torchrun` (pretraining, SFT, preference and reward stages) the same loop runs
+data-parallel with DDP or FSDP2 (`train.parallel`, `smolforge.train.fsdp`): each rank reads its
+share of every global batch (train.batch_size stays the global rows per micro-batch), the loss
+weights use global token (or pair) counts so the gradient equals the single-process one, and
+rank 0 alone writes files and prints. Evaluation: every rank runs the full validation set (under
+DDP on its own, identical numbers; under FSDP2 together, each forward gathers the weights) and
+rank 0 logs it.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -33,11 +34,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from smolforge import __version__
-from smolforge.config import PreferenceDataConfig, PretrainRecipe, SFTDataConfig, save_recipe
+from smolforge.config import (
+    PreferenceDataConfig,
+    PretrainRecipe,
+    RLDataConfig,
+    SFTDataConfig,
+    save_recipe,
+)
 from smolforge.data.loader import PretrainLoader, SourceSpec, model_inputs
 from smolforge.errors import SmolforgeError
 from smolforge.eval.bpb import evaluate_loss_and_bpb, token_byte_lengths
-from smolforge.interop.hub import resolve_model_path
 from smolforge.model import (
     ModelConfig,
     Transformer,
@@ -47,11 +53,19 @@ from smolforge.model import (
 )
 from smolforge.train import checkpoint as ckpt
 from smolforge.train import distributed as dist_utils
+from smolforge.train import fsdp
 from smolforge.train.distributed import DistInfo
-from smolforge.train.lora import adapter_state_dict, apply_lora, merge_lora, save_adapter
+from smolforge.train.lora import (
+    adapter_state_dict,
+    apply_lora,
+    merged_copy,
+    quantize_base,
+    save_adapter,
+)
 from smolforge.train.objectives import IGNORE_INDEX, get_objective
 from smolforge.train.optim import build_optimizer
 from smolforge.train.progress import TrainProgress
+from smolforge.train.qlora import require_cuda
 from smolforge.train.resilience import GracefulStop, LossGuard
 from smolforge.train.schedule import lr_multiplier
 from smolforge.train.trackers import Trackers
@@ -138,32 +152,38 @@ def build_data(recipe: PretrainRecipe, tokenizer: Any, device: torch.device | No
                run_dir: Path | None = None, dist: DistInfo | None = None):
     """Training loader and (optional) validation loader from the recipe's data section.
 
-    With `dist` of several ranks (pretraining only), the training loader yields this rank's
-    share of each global batch; the validation loader stays whole (every rank evaluates all of it).
+    With `dist` of several ranks, the training loader yields this rank's share of each global
+    batch; the validation loader stays whole (every rank evaluates all of it).
     """
     world = dist.world_size if dist is not None else 1
-    if world > 1 and isinstance(recipe.data, (PreferenceDataConfig, SFTDataConfig)):
-        raise SmolforgeError(f"data-parallel training ({world} processes) supports pretraining data only "
-                             f"for now: run SFT / preference stages as a single process")
+    rank = dist.rank if dist is not None else 0
+    if world > 1 and isinstance(recipe.data, RLDataConfig):
+        raise SmolforgeError(f"data-parallel training ({world} processes) does not cover online RL (grpo) "
+                             f"yet: run it as a single process")
+    if world > 1 and recipe.train.batch_size % world:
+        raise SmolforgeError(f"train.batch_size ({recipe.train.batch_size}) is the global rows per micro-batch "
+                             f"and must divide evenly over the {world} processes")
     if isinstance(recipe.data, PreferenceDataConfig):
         from smolforge.data.preference import build_preference_loaders
 
-        return build_preference_loaders(recipe, tokenizer, device or torch.device("cpu"),
-                                        run_dir or Path(recipe.run.dir) / recipe.run.name)
+        with dist_utils.quiet_unless(rank == 0):  # one report of the data per run
+            return build_preference_loaders(recipe, tokenizer, device or torch.device("cpu"),
+                                            run_dir or Path(recipe.run.dir) / recipe.run.name, rank, world)
+    if isinstance(recipe.data, RLDataConfig):
+        from smolforge.data.rl import build_rl_loaders
+
+        return build_rl_loaders(recipe, tokenizer, device or torch.device("cpu"), run_dir)
     if isinstance(recipe.data, SFTDataConfig):
         from smolforge.data.sft import build_sft_loaders
 
-        return build_sft_loaders(recipe.data, tokenizer, recipe.train.batch_size, recipe.run.seed)
+        with dist_utils.quiet_unless(rank == 0):
+            return build_sft_loaders(recipe.data, tokenizer, recipe.train.batch_size, recipe.run.seed, rank, world)
     if not recipe.data.train:
         raise SmolforgeError("data.train is empty: list at least one directory written by `smolforge data tokenize`")
 
     def specs(sources):
         return [SourceSpec(shards=s.path, weight=s.weight, name=s.name or Path(s.path).name) for s in sources]
 
-    if recipe.train.batch_size % world:
-        raise SmolforgeError(f"train.batch_size ({recipe.train.batch_size}) is the global rows per micro-batch "
-                             f"and must divide evenly over the {world} processes")
-    rank = dist.rank if dist is not None else 0
     train = PretrainLoader(specs(recipe.data.train), recipe.data.seq_len, recipe.train.batch_size // world,
                            seed=recipe.run.seed, rank=rank, world_size=world)
     val = (PretrainLoader(specs(recipe.data.val), recipe.data.seq_len, recipe.train.batch_size,
@@ -259,19 +279,15 @@ def load_tokenizer(recipe: PretrainRecipe):
 def build_model(recipe: PretrainRecipe, tokenizer, device: torch.device) -> tuple[torch.nn.Module, ModelConfig]:
     """The model the stage trains: a causal LM, or a reward model (scalar head) for `reward`."""
     if recipe.train.objective == "reward":
-        from smolforge.train.reward import CAUSAL_OF, RewardModel, load_reward_model
+        from smolforge.train.reward import reward_model_from
 
         pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
         init = recipe.run.init_from
         if not init:
             raise SmolforgeError("the reward objective needs run.init_from: a reward model starts from a "
                                  "trained checkpoint (usually the SFT model)")
-        config = json.loads((resolve_model_path(init) / "config.json").read_text(encoding="utf-8"))
-        if (config.get("architectures") or [None])[0] in CAUSAL_OF:  # continue training a reward model
-            reward_model, _ = load_reward_model(init, device=device, dtype=torch.float32)
-        else:
-            causal, _ = ckpt.load_model(init, device=device, dtype=torch.float32)
-            reward_model = RewardModel.from_causal(causal, pad_id=pad_id).to(device)
+        # A reward checkpoint continues as it is; a causal LM gets a new head.
+        reward_model, _ = reward_model_from(init, device=device, dtype=torch.float32, pad_id=pad_id)
         return reward_model, reward_model.config
     if recipe.run.init_from:
         model, _ = ckpt.load_model(recipe.run.init_from, device=device, dtype=torch.float32)
@@ -306,6 +322,10 @@ def _train(recipe: PretrainRecipe, resume: bool, stage: str, dist: DistInfo) -> 
     if dist.enabled and device.type == "cuda":
         device = torch.device(dist.device_hint)  # this rank's own GPU, not cuda:0 for all
     main = dist.main
+    # QLoRA: the base loads on the CPU, then quantize_base moves it to the GPU in 4 bits, layer by layer.
+    quantized = recipe.lora.r > 0 and recipe.lora.quantize != "none"
+    if quantized:
+        require_cuda(device)  # before any work: bitsandbytes' 4-bit base is CUDA only
     torch.set_num_threads(tcfg.threads or os.cpu_count() or 1)
     if resume:
         resume_from = ckpt.find_resume_checkpoint(run_dir)
@@ -322,7 +342,7 @@ def _train(recipe: PretrainRecipe, resume: bool, stage: str, dist: DistInfo) -> 
     train_data, val_data = build_data(recipe, tokenizer, device, run_dir, dist)
     recipe = resolve_max_steps(recipe, train_data)
     tcfg = recipe.train
-    model, model_cfg = build_model(recipe, tokenizer, device)
+    model, model_cfg = build_model(recipe, tokenizer, torch.device("cpu") if quantized else device)
     if recipe.data.seq_len > model_cfg.max_seq_len:
         raise SmolforgeError(f"data.seq_len ({recipe.data.seq_len}) exceeds the model's context length "
                              f"({model_cfg.max_seq_len})")
@@ -333,20 +353,31 @@ def _train(recipe: PretrainRecipe, resume: bool, stage: str, dist: DistInfo) -> 
         model.activation_checkpointing = True
     lora = recipe.lora if recipe.lora.r > 0 else None
     is_reward = tcfg.objective == "reward"
-    if lora is not None and is_reward:
-        raise SmolforgeError("lora.r > 0 with the reward objective is not supported yet: train the reward "
-                             "model in full (lora.r: 0)")
-    if lora is not None:  # Hu et al. 2021: train low-rank adapters only; the base stays frozen
+    if lora is not None:  # Hu et al. 2021: train low-rank adapters only (and a reward model's head)
+        if quantized:  # QLoRA (Dettmers et al. 2023): the frozen base in 4-bit NF4, fp32 adapters
+            quantize_base(model, device)
         adapters = apply_lora(model, lora)
         if main:
-            print(f"LoRA r={lora.r} alpha={lora.alpha:g} on {', '.join(lora.target_modules)}: "
+            print(f"LoRA r={lora.r} alpha={lora.alpha:g} on {', '.join(lora.target_modules)}"
+                  f"{' over a 4-bit NF4 base' if quantized else ''}: "
                   f"{format_count(sum(p.numel() for p in adapters))} trainable parameters")
     objective = get_objective(tcfg.objective)
-    optimizer = build_optimizer(model, tcfg, device)
     use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and device.type == "cuda")
+    sharded = dist.enabled and tcfg.parallel == "fsdp2"
+    if sharded:
+        if lora is not None:
+            raise SmolforgeError("lora.r > 0 with train.parallel: fsdp2 is not supported: LoRA's few trainable "
+                                 "weights need no sharding, use train.parallel: ddp")
+        # In place, before the optimizer: it must hold the sharded parameters. From here `model`
+        # is the FSDP2 module, whose forward gathers each block's weights in turn.
+        fsdp.shard_model(model, device, use_bf16)
+    optimizer = build_optimizer(model, tcfg, device)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    if hasattr(train_data, "attach_policy"):  # online RL: the loader samples rollouts from the live model
+        train_data.attach_policy(model, autocast)
 
     step = total_tokens = 0
     lr_scale = 1.0  # lowered by each rollback after repeated bad steps
@@ -355,19 +386,25 @@ def _train(recipe: PretrainRecipe, resume: bool, stage: str, dist: DistInfo) -> 
         """Model, optimizer, data position, RNG and counters as saved in checkpoint `path`."""
         nonlocal step, total_tokens, lr_scale
         state = ckpt.load_trainer_state(path)
-        if lora is not None:
+        # The caller verified the checkpoint (resume) or wrote it in this process (rollback).
+        if fsdp.is_sharded_checkpoint(path):  # DCP shards: any number of ranks, sharded or not
+            fsdp.load_sharded_checkpoint(path, model, optimizer)
+        elif lora is not None:
             # The checkpoint holds merged weights; the frozen base is the one loaded at start, so
             # only the adapters come back (from the trainer state).
             with torch.no_grad():
                 for key, param in adapter_state_dict(model).items():
                     param.copy_(state["lora"][key])
+            optimizer.load_state_dict(state["optimizer"])
         else:
-            # The caller verified the checkpoint (resume) or wrote it in this process (rollback).
             load = reward_loader() if is_reward else ckpt.load_model
             saved, _ = load(path, device=device, dtype=torch.float32, verify=False)
-            model.load_state_dict(saved.state_dict())
+            if sharded:  # full weights and optimizer state into this rank's shards
+                fsdp.load_full_checkpoint(model, optimizer, saved.state_dict(), state["optimizer"])
+            else:
+                model.load_state_dict(saved.state_dict())
+                optimizer.load_state_dict(state["optimizer"])
             del saved
-        optimizer.load_state_dict(state["optimizer"])
         train_data.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         step, total_tokens = state["step"], state.get("tokens", 0)
@@ -383,13 +420,12 @@ def _train(recipe: PretrainRecipe, resume: bool, stage: str, dist: DistInfo) -> 
         save_recipe(recipe, run_dir / "recipe.yaml")
         metrics_log = MetricsLog(run_dir / "metrics.jsonl", resume_step=step if resume_from else None,
                                  trackers=trackers)
-    # `model` stays the plain module (checkpoints, evaluation, clipping, rollback all use it);
-    # `wrapped` is what the training forward goes through: DDP all-reduces gradients in backward.
+    # `model` stays the plain module under DDP (checkpoints, evaluation, clipping, rollback all use
+    # it); `wrapped` is what the training forward goes through: DDP all-reduces gradients in
+    # backward. Under FSDP2 both are the sharded module, which reduce-scatters them itself.
     wrapped: torch.nn.Module = model
-    ddp: DistributedDataParallel | None = None
-    if dist.enabled:  # on CPU (gloo) DDP takes no device_ids
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        wrapped = ddp
+    if dist.enabled and not sharded:  # on CPU (gloo) DDP takes no device_ids
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     forward = torch.compile(wrapped) if tcfg.compile else wrapped
     byte_lengths = token_byte_lengths(tokenizer)
     flops_per_token = training_flops_per_token(model_cfg, recipe.data.seq_len)
@@ -403,7 +439,7 @@ def _train(recipe: PretrainRecipe, resume: bool, stage: str, dist: DistInfo) -> 
     if main:
         print(f"{stage}: {format_count(counts['total'])} parameters, {tokens_per_step:,} tokens/step, "
               f"{tcfg.max_steps} steps on {device}{' (bf16 autocast)' if use_bf16 else ''}"
-              + (f" x {dist.world_size} processes" if dist.enabled else "") + f" -> {run_dir}"
+              + (f" x {dist.world_size} processes ({tcfg.parallel})" if dist.enabled else "") + f" -> {run_dir}"
               + (f" (resuming from {resume_from.name})" if resume_from else ""))
 
     def evaluate() -> dict[str, float]:
@@ -415,9 +451,28 @@ def _train(recipe: PretrainRecipe, resume: bool, stage: str, dist: DistInfo) -> 
         return evaluate_loss_and_bpb(model, val_data.iter_eval(tcfg.eval_batches or None), byte_lengths,
                                      device, autocast, recipe.data.document_masking)
 
+    def save_sharded(final: bool, metrics: dict[str, float]) -> Path:
+        """FSDP2: every rank writes its shards of model and optimizer (DCP), rank 0 the rest; `final/`
+        is a normal checkpoint of the weights gathered on rank 0."""
+        info = {**meta, "step": step, "metrics": metrics}
+        state = {"step": step, "loader": train_data.state_dict(), "rng": rng_state(), "tokens": total_tokens,
+                 "lr_scale": lr_scale}
+        path = fsdp.save_sharded_checkpoint(run_dir / "checkpoints" / ckpt.checkpoint_name(step), model,
+                                            optimizer, tokenizer, meta=info, trainer_state=state)
+        if main:
+            ckpt.mark_latest(path, tcfg.keep_last)
+        if final:
+            weights = fsdp.full_state_dict(model)  # every rank takes part in the gather
+            if main:
+                ckpt.save_checkpoint(run_dir / "final", fsdp.plain_model(model_cfg, weights), tokenizer, meta=info)
+        dist_utils.barrier()
+        return path
+
     def save(final: bool, metrics: dict[str, float]) -> Path:
         """Rank 0 writes the checkpoint; the others wait until it is complete (a rollback may
         read it next) and get its path."""
+        if sharded:
+            return save_sharded(final, metrics)
         if not main:
             dist_utils.barrier()
             return run_dir / "checkpoints" / ckpt.checkpoint_name(step)
@@ -430,7 +485,7 @@ def _train(recipe: PretrainRecipe, resume: bool, stage: str, dist: DistInfo) -> 
             # the adapters themselves go into the trainer state (resume) and, at the end, into a
             # PEFT adapter directory.
             state["lora"] = {k: v.detach().cpu().clone() for k, v in adapter_state_dict(model).items()}
-            weights = merge_lora(copy.deepcopy(model))
+            weights = merged_copy(model)  # a QLoRA base is dequantised into it (on the CPU)
             info["lora"] = lora.model_dump()
         writer = reward_saver() if is_reward else ckpt.save_checkpoint
         path = ckpt.save_run_checkpoint(run_dir, step, weights, tokenizer, meta=info, trainer_state=state,
@@ -483,11 +538,10 @@ def _train(recipe: PretrainRecipe, resume: bool, stage: str, dist: DistInfo) -> 
                 batch, kwargs = model_inputs(host_batch, device, recipe.data.document_masking)
                 if is_reward:  # a reward is read at each row's last real token
                     kwargs["lengths"] = real.to(device)
-                # DDP all-reduces in the backward of the step's last micro-batch only; the others
-                # just accumulate locally (no_sync), which gives the same sum with one reduction.
-                last_micro = index == len(micro_batches) - 1
-                sync = ddp.no_sync() if ddp is not None and not last_micro else nullcontext()
-                with sync:
+                # DDP all-reduces (FSDP2 reduce-scatters) in the backward of the step's last
+                # micro-batch only; the others just accumulate locally, which gives the same sum
+                # with one reduction.
+                with dist_utils.gradient_sync(wrapped, sync=index == len(micro_batches) - 1):
                     with autocast():
                         output = forward(batch["input_ids"], **kwargs)
                     loss, parts = objective(output, batch, tcfg)
@@ -524,7 +578,7 @@ def _train(recipe: PretrainRecipe, resume: bool, stage: str, dist: DistInfo) -> 
                               + ("batch skipped" if verdict == "skip" else
                                  f"rolled back to {last_checkpoint.name}, lr x {lr_scale:g}"))
                 continue
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            grad_norm = (dist_utils.clip_grad_norm(model.parameters(), tcfg.grad_clip)
                          if tcfg.grad_clip > 0 else None)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -539,9 +593,15 @@ def _train(recipe: PretrainRecipe, resume: bool, stage: str, dist: DistInfo) -> 
                 tok_s = window_tokens / max(elapsed, 1e-9)
                 record = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tok_s,
                           "tokens": total_tokens, "elapsed_s": time.time() - started}
-                record.update({k: v.item() for k, v in parts.items() if k != "ce"})
+                part_values = {k: v.detach().float() for k, v in parts.items() if k != "ce"}
+                if dist.enabled and part_values:  # the objective's metrics over every rank's share
+                    means = dist_utils.all_reduce_mean(torch.stack(list(part_values.values())))
+                    part_values = dict(zip(part_values, means))
+                record.update({k: v.item() for k, v in part_values.items()})
                 # Playbook ch. 05: track epochs per source (e.g. stay under ~5 for small sources).
                 record.update({f"epochs/{name}": e for name, e in train_data.epochs_seen().items()})
+                if hasattr(train_data, "window_metrics"):  # e.g. rollout rewards and generation time
+                    record.update(train_data.window_metrics())
                 if grad_norm is not None:
                     record["grad_norm"] = grad_norm.item()
                 if peak:

@@ -63,7 +63,7 @@ def lm(output: ModelOutput, batch: dict[str, Tensor], cfg: TrainConfig) -> tuple
 
 
 def get_objective(name: str) -> Objective:
-    from smolforge.train import preference, reward  # noqa: F401 (register their objectives)
+    from smolforge.train import grpo, preference, reward  # noqa: F401 (register their objectives)
 
     if name not in OBJECTIVES:
         raise SmolforgeError(f"train.objective: unknown objective {name!r}; available: {sorted(OBJECTIVES)}")

@@ -17,7 +17,7 @@ import shutil
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,11 @@ SCORE_WEIGHT = "score.weight"
 
 class RewardModel(nn.Module):
     """A decoder body (`model.`: embed_tokens, layers, norm) and `score`: Linear(hidden, 1), no LM head."""
+
+    # Under LoRA (smolforge.train.lora) the body takes the adapters and the new head trains in full,
+    # saved whole with them: peft's modules_to_save for sequence classification (task_type SEQ_CLS).
+    peft_task_type: ClassVar[str] = "SEQ_CLS"
+    peft_modules_to_save: ClassVar[tuple[str, ...]] = ("score",)
 
     def __init__(self, cfg: ModelConfig, pad_id: int | None = None, body: Backbone | None = None) -> None:
         super().__init__()
@@ -250,6 +255,26 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu", dtyp
         raise SmolforgeError(f"{path}: the weights do not fit {config_file}: {exc}") from None
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval(), Tokenizer.load(path)
+
+
+def reward_model_from(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                      pad_id: int | None = None) -> tuple[RewardModel, Tokenizer]:
+    """What a reward run starts from: a reward model as saved, or a causal LM checkpoint's body with
+    a new `score` head (its init drawn from torch's RNG) reading rewards by `pad_id` (default: the
+    checkpoint tokenizer's pad token, else its EOS)."""
+    from smolforge.interop.hub import resolve_model_path
+
+    config_file = resolve_model_path(path) / "config.json"
+    try:
+        arch = (json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or [None])[0]
+    except (OSError, json.JSONDecodeError):
+        arch = None  # not readable here: load_model names the problem
+    if arch in CAUSAL_OF:
+        return load_reward_model(path, device=device, dtype=dtype)
+    causal, tokenizer = ckpt.load_model(path, device=device, dtype=dtype)
+    if pad_id is None:
+        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    return RewardModel.from_causal(causal, pad_id=pad_id).to(device), tokenizer
 
 
 # --- scoring records: `smolforge score` -------------------------------------------------------
