@@ -11,6 +11,7 @@ from smolforge.config import (
     DPORecipe,
     GRPORecipe,
     PretrainRecipe,
+    RLHFRecipe,
     SFTRecipe,
     add_recipe_arguments,
     collect_overrides,
@@ -108,5 +109,5 @@ def test_every_bundled_recipe_is_valid():
     assert len(recipes) >= 2
     for path in recipes:
         # A recipe's stage is in its name: *-sft.yaml is for `smolforge sft`, *-dpo.yaml for `dpo`.
-        schema = {"sft": SFTRecipe, "dpo": DPORecipe, "grpo": GRPORecipe}.get(path.stem.rsplit("-", 1)[-1], PretrainRecipe)
+        schema = {"sft": SFTRecipe, "dpo": DPORecipe, "grpo": GRPORecipe, "rlhf": RLHFRecipe}.get(path.stem.rsplit("-", 1)[-1], PretrainRecipe)
         load_recipe(path, schema=schema)

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "smolforge.tokenizer",
     "smolforge.data.shards",
     "smolforge.stages",
+    "smolforge.train.rlhf",
     "smolforge.train.fsdp",
     "smolforge.data.pairs",
     "smolforge.train.reward",
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="smolforge",
         description="Train small language models end to end: tokenizer, pretraining, SFT, "
                     "preference optimisation, reward models, LoRA, merging, generation, evaluation, "
-                    "chat, an OpenAI-compatible server and export (RL to come).",
+                    "online RL (GRPO, PPO and the SFT → reward model → PPO pipeline `rlhf`), "
+                    "chat, an OpenAI-compatible server and export.",
     )
     parser.add_argument("--version", action="version", version=f"smolforge {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

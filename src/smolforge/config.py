@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from smolforge.errors import SmolforgeError
 from smolforge.model import PRESETS, ModelConfig
 from smolforge.train.lora import LoraSettings
+from smolforge.train.ppo import PPOConfig
 
 
 class Section(BaseModel):
@@ -349,6 +350,122 @@ class GRPORecipe(PretrainRecipe):
             raise ValueError(f"grpo.max_new_tokens ({g.max_new_tokens}) leaves no room for a prompt within "
                              f"data.seq_len ({self.data.seq_len})")
         return self
+
+
+class PPOStageConfig(PPOConfig):
+    """PPO (Mini-LLM's `ppo_*` names, `smolforge.train.ppo.PPOConfig`) plus where rollouts and rewards come from."""
+
+    reward_model: str = Field("", description="Reward model checkpoint (written by `smolforge reward`); its score is "
+                                              "the reward, paid at each completion's last token.")
+    reward_model_weight: float = Field(1.0, description="Weight of the reward model's score in a completion's reward.")
+    rewards: list[RewardSpec] = Field(default_factory=list, description="Verifiable rewards added to the reward model's "
+                                      "score, as in grpo.rewards, e.g. [{name: smol_task, weight: 0.5}].")
+    reward_device: str = Field("auto", description="Where the reward model scores: auto (the training device) or cpu.")
+    max_new_tokens: int = Field(64, gt=0, description="Most tokens per completion; a completion cut there is flagged truncated.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass; 1 = off.")
+    top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens; 0 = off.")
+    reference_model: str = Field("", description="Reference checkpoint of the KL penalty; empty = run.init_from (the start "
+                                                 "policy). With LoRA the frozen base (adapters off) is the reference.")
+    reference_device: str = Field("auto", description="Where the reference model lives: auto (the training device) or cpu.")
+    generation_batch_size: int = Field(0, ge=0, description="Completions per engine call; 0 = the whole batch at once.")
+
+
+class PPOTrainConfig(Section):
+    """Device, precision, logging and checkpointing of the PPO loop (its optimisers are set in `ppo`)."""
+
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast with fp32 master weights on CUDA, fp32 elsewhere.")
+    threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = all cores.")
+    log_every: int = Field(1, gt=0, description="PPO iterations between log lines and metrics.jsonl records.")
+    save_every: int = Field(50, ge=0, description="PPO iterations between checkpoints; 0 = only the final one.")
+    keep_last: int = Field(2, gt=0, description="Periodic checkpoints kept on disk.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Also log metrics to these trackers: tensorboard, wandb.")
+
+
+class PPORecipe(Section):
+    """A full recipe for `smolforge ppo`: RL prompts (as for GRPO), a reward model and PPO's settings."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: RLDataConfig = Field(default_factory=RLDataConfig)
+    train: PPOTrainConfig = Field(default_factory=PPOTrainConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    ppo: PPOStageConfig = Field(default_factory=PPOStageConfig)
+
+    @model_validator(mode="after")
+    def _check_ppo(self) -> PPORecipe:
+        p = self.ppo
+        if p.max_new_tokens >= self.data.seq_len:
+            raise ValueError(f"ppo.max_new_tokens ({p.max_new_tokens}) leaves no room for a prompt within "
+                             f"data.seq_len ({self.data.seq_len})")
+        return self
+
+    def check_complete(self) -> None:
+        """What a run needs that a recipe inside `smolforge rlhf` gets filled in later."""
+        if not self.run.init_from:
+            raise SmolforgeError("run.init_from is empty: PPO starts from a trained (SFT) checkpoint")
+        if not self.ppo.reward_model and not self.ppo.rewards:
+            raise SmolforgeError("no reward: set ppo.reward_model (a checkpoint of `smolforge reward`) and/or "
+                                 "ppo.rewards (verifiable rewards, e.g. [{name: smol_task}])")
+        if self.ppo.value_init == "reward_model" and not self.ppo.reward_model:
+            raise SmolforgeError("ppo.value_init reward_model needs ppo.reward_model (the critic starts as its copy)")
+        if not self.data.train:
+            raise SmolforgeError("data.train is empty: list at least one file of RL prompts")
+
+    def fingerprint(self) -> str:
+        """sha256 of the resolved recipe, recorded in every checkpoint's smolforge.json."""
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()
+
+
+class RLHFRunConfig(Section):
+    """Where the pipeline lives and the model its SFT stage starts from."""
+
+    name: str = Field("rlhf", min_length=1, description="Run name: outputs go to <dir>/<name>/{sft,reward_model,ppo,logs}/.")
+    dir: str = Field("runs", description="Parent directory of run directories.")
+    init_from: str = Field("", description="Checkpoint the SFT stage starts from (a pretrained base); empty = sft.run.init_from.")
+    seed: int = Field(0, description="Seed of every stage that does not set its own run.seed.")
+
+
+# rlhf recipe section -> (its recipe schema, the stage's folder under the run directory)
+RLHF_STAGES: dict[str, tuple[type[BaseModel], str]] = {"sft": (SFTRecipe, "sft"), "reward": (RewardRecipe, "reward_model"),
+                                                       "ppo": (PPORecipe, "ppo")}
+
+
+class RLHFRecipe(Section):
+    """A recipe for `smolforge rlhf`: the Mini-LLM pipeline SFT -> reward model -> PPO, one section per stage
+    in its own schema. Each stage's run.dir / run.name are set to <run.dir>/<run.name>/<folder>, and the
+    chain is filled in: reward.run.init_from (when empty) and ppo.run.init_from = sft/final,
+    ppo.ppo.reward_model (when empty) = reward_model/final."""
+
+    run: RLHFRunConfig = Field(default_factory=RLHFRunConfig)
+    sft: SFTRecipe = Field(default_factory=SFTRecipe)
+    reward: RewardRecipe = Field(default_factory=RewardRecipe)
+    ppo: PPORecipe = Field(default_factory=PPORecipe)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_chain(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        run = values.get("run") if isinstance(values.get("run"), dict) else {}
+        root = f"{run.get('dir', 'runs')}/{run.get('name', 'rlhf')}"
+        sft_final = f"{root}/sft/final"
+        chained = {"sft": run.get("init_from", ""), "reward": sft_final, "ppo": sft_final}
+        for section, (_, folder) in RLHF_STAGES.items():
+            given = values.get(section) or {}
+            if not isinstance(given, dict) or not isinstance(given.get("run") or {}, dict):
+                continue  # the schema names the wrong type
+            stage_run = {"seed": run.get("seed", 0), **(given.get("run") or {}), "dir": root, "name": folder}
+            stage_run["init_from"] = stage_run.get("init_from") or chained[section]
+            stage = {**given, "run": stage_run}
+            if section == "ppo" and isinstance(stage.get("ppo") or {}, dict):
+                settings = dict(stage.get("ppo") or {})
+                settings["reward_model"] = settings.get("reward_model") or f"{root}/reward_model/final"
+                stage["ppo"] = settings
+            values[section] = stage
+        return values
 
 
 # --- loading, overriding, saving ----------------------------------------------------------------

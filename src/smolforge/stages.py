@@ -1,7 +1,9 @@
-"""`smolforge pretrain | sft | dpo | reward | grpo RECIPE`: the one training loop, one recipe schema per stage.
+"""`smolforge pretrain | sft | dpo | reward | grpo | ppo RECIPE`: one recipe schema per stage.
 
 The stages differ only in their recipe schema (data section and defaults) and thereby in their
-data and objective (DESIGN.md principle 1); `register` builds every command from `STAGES`.
+data and objective (DESIGN.md principle 1); `register` builds every command from `STAGES`. All run
+the one training loop except PPO, whose two networks and optimisers have their own small loop
+(`TRAINERS`, `smolforge.train.ppo_stage`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from smolforge.config import (
     DPORecipe,
     GRPORecipe,
+    PPORecipe,
     PretrainRecipe,
     RewardRecipe,
     SFTRecipe,
@@ -49,7 +52,30 @@ STAGES = {
              "train.beta > 0 adds a k3 KL to the reference). Example: `smolforge grpo "
              "recipes/quickstart-grpo.yaml --run.init_from runs/quickstart/sft/final --data.train "
              "'[{path: prompts.jsonl}]'`; see docs/rl.md."),
+    "ppo": (PPORecipe, "Online RLHF with PPO: a reward model's scores, a KL penalty, a critic (InstructGPT, Mini-LLM).",
+            "Sample one completion per prompt with the policy (run.init_from, the SFT model), score it with "
+            "the reward model of ppo.reward_model (and the verifiable rewards of ppo.rewards), subtract a "
+            "per-token KL penalty to the frozen start policy (adaptive beta), estimate advantages with GAE "
+            "and a separate critic, and run ppo.ppo_epochs of clipped policy and value steps. Settings use "
+            "Mini-LLM's names (ppo_lr_policy, ppo_lr_value, ppo_batch_size, ppo_mini_batch_size, "
+            "ppo_epochs). Writes final/ (the policy) and critic/. See docs/rl.md; `smolforge rlhf` runs "
+            "SFT, reward model and PPO in one go."),
 }
+
+# Stages with their own loop: module:function taking (recipe, resume=, stage=) -> RunResult.
+TRAINERS = {"ppo": "smolforge.train.ppo_stage:train_ppo"}
+
+
+def trainer_for(stage: str):
+    """The training function of `stage`: the one loop, or the stage's own (TRAINERS)."""
+    import importlib
+
+    if stage not in TRAINERS:
+        from smolforge.train.loop import train
+
+        return train
+    module, name = TRAINERS[stage].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,7 +93,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from smolforge.lab.report import write_run_report
-    from smolforge.train.loop import train
     from smolforge.train.resilience import supervise, without_auto_restart
 
     schema = STAGES[args.stage][0]
@@ -75,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.auto_restart > 0:
         return supervise([sys.executable, "-m", "smolforge.cli", *without_auto_restart(sys.argv[1:])],
                          args.auto_restart)
-    result = train(recipe, resume=args.resume, stage=args.stage)
+    result = trainer_for(args.stage)(recipe, resume=args.resume, stage=args.stage)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports for the run
         return 0
     if result.interrupted:

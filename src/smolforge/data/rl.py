@@ -228,7 +228,7 @@ def batch_log_probs(model: nn.Module, batch: dict[str, Tensor], temperature: flo
         model.train(was_training)
 
 
-class _PromptOrder(EpochLoader):
+class PromptOrder(EpochLoader):
     """`next_batch()` = the indices of the next prompts: EpochLoader's seeded, per-epoch order."""
 
     def __init__(self, n: int, per_rollout: int, seed: int) -> None:
@@ -269,7 +269,7 @@ class RolloutLoader:
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
         self.stop_ids = end_of_turn_ids(tokenizer)
         self.tokens_per_batch = self.batch_size * seq_len  # an upper bound; real counts come per batch
-        self.order = _PromptOrder(len(self.prompts), settings.prompts_per_step, seed)
+        self.order = PromptOrder(len(self.prompts), settings.prompts_per_step, seed)
         self.rollouts_done = 0  # rollouts generated so far (seeds derive from it)
         self.served = 0  # micro-batches of the current rollout handed out
         self.rollout: list[dict[str, Tensor]] | None = None
@@ -462,16 +462,16 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def build_rl_loaders(recipe: Any, tokenizer: Any, device: torch.device,
-                     run_dir: Path | None = None) -> tuple[RolloutLoader, None]:
-    """The rollout loader of a GRPO recipe (no validation loader: the reward is measured on-policy)."""
-    data, settings, tcfg = recipe.data, recipe.grpo, recipe.train
+def load_rl_prompts(data: Any, tokenizer: Any, rewards: RewardSet, max_new_tokens: int
+                    ) -> tuple[list[RLPrompt], list[dict[str, Any]]]:
+    """Every usable prompt of `data.train` (an RLDataConfig), rendered with the data's template so
+    that `max_new_tokens` still fit in data.seq_len, and the data manifest of checkpoints. Shared
+    by `smolforge grpo` and `smolforge ppo`; prints one line per source."""
     if not data.train:
         raise SmolforgeError("data.train is empty: list at least one file of RL prompts")
-    rewards = build_rewards(settings.rewards, defaults={"max_len": settings.max_new_tokens})
     template = resolve_template(data.template, tokenizer)
     tokenizer.chat_template = template  # checkpoints carry the template the policy was trained with
-    max_prompt = data.seq_len - settings.max_new_tokens
+    max_prompt = data.seq_len - max_new_tokens
     sources, prompts = [], []
     for source in data.train:
         src = PromptSource(name=source.name or Path(source.path).stem, prompts=[])
@@ -480,13 +480,26 @@ def build_rl_loaders(recipe: Any, tokenizer: Any, device: torch.device,
                                      max_prompt, data.truncation, src)
         if not src.prompts:
             raise SmolforgeError(f"{source.path}: no usable prompt ({src.read.skipped} invalid, {src.dropped} longer "
-                                 f"than data.seq_len - grpo.max_new_tokens = {max_prompt} tokens)")
+                                 f"than data.seq_len - max_new_tokens = {max_prompt} tokens)")
         src.sha256 = _sha256(source.path)
         sources.append(src)
         prompts += src.prompts
         extra = [f"{n} {what}" for n, what in ((src.read.skipped, "invalid skipped"), (src.dropped, "dropped as too long"),
                                                (src.truncated, "truncated")) if n]
         print(f"  {src.name}: {len(src.prompts):,} prompts" + (f" [{', '.join(extra)}]" if extra else ""))
+    manifest = [{"name": s.name, "path": c.path, "sha256": s.sha256, "prompts": len(s.prompts)}
+                for s, c in zip(sources, data.train)]
+    return prompts, manifest
+
+
+def build_rl_loaders(recipe: Any, tokenizer: Any, device: torch.device,
+                     run_dir: Path | None = None) -> tuple[RolloutLoader, None]:
+    """The rollout loader of a GRPO recipe (no validation loader: the reward is measured on-policy)."""
+    data, settings, tcfg = recipe.data, recipe.grpo, recipe.train
+    if not data.train:
+        raise SmolforgeError("data.train is empty: list at least one file of RL prompts")
+    rewards = build_rewards(settings.rewards, defaults={"max_len": settings.max_new_tokens})
+    prompts, manifest = load_rl_prompts(data, tokenizer, rewards, settings.max_new_tokens)
     print(f"  rewards: {' + '.join(f'{b.weight:g} x {b.label}' for b in rewards.rewards)}; "
           f"{settings.prompts_per_step} prompts x {settings.group_size} completions per rollout")
     reference = None
@@ -501,8 +514,6 @@ def build_rl_loaders(recipe: Any, tokenizer: Any, device: torch.device,
         reference, _ = load_model(path, device=ref_device)
         reference.eval().requires_grad_(False)
         print(f"  reference model: {path} on {ref_device} (log-probs {settings.reference})")
-    manifest = [{"name": s.name, "path": c.path, "sha256": s.sha256, "prompts": len(s.prompts)}
-                for s, c in zip(sources, data.train)]
     loader = RolloutLoader(prompts, rewards, settings, tcfg, tokenizer, data.seq_len, recipe.run.seed, manifest,
                            reference)
     print(f"  {len(prompts):,} prompts: {loader.steps_per_epoch(tcfg.grad_accum):.1f} optimizer steps per epoch")

@@ -40,6 +40,10 @@ from smolforge.config import TrainConfig
 from smolforge.errors import SmolforgeError
 from smolforge.model import ModelOutput
 from smolforge.train.objectives import IGNORE_INDEX, register
+from smolforge.train.ppo import (
+    label_logprobs as token_log_probs,  # GRPO's name for it (old / reference log-probs)
+)
+from smolforge.train.ppo import logits_entropy, masked_mean  # one of each for PPO and GRPO
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
@@ -111,24 +115,6 @@ def normalise_loss(per_token: Tensor, mask: Tensor, loss_type: str, max_completi
     raise SmolforgeError(f"train.loss_type: unknown {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
 
 
-def label_log_probs(logits: Tensor, labels: Tensor, temperature: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:
-    """(per-token log-probs of `labels` (B, T), 0 where -100; all log-probs (B, T, V)), in fp32,
-    from logits / temperature (the distribution the completion was sampled from)."""
-    log_probs = (logits.float() / temperature).log_softmax(-1)
-    mask = labels != IGNORE_INDEX
-    picked = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked * mask, log_probs
-
-
-def token_log_probs(logits: Tensor, labels: Tensor, temperature: float | Tensor = 1.0) -> Tensor:
-    """Per-token log-probs of `labels` (B, T), 0 where -100 (old and reference log-probs)."""
-    return label_log_probs(logits, labels, temperature)[0]
-
-
-def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
-
-
 @register("grpo")
 def grpo_objective(output: ModelOutput, batch: dict[str, Tensor], cfg: TrainConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO's loss on a rollout micro-batch (see the batch contract above), with its metrics:
@@ -145,7 +131,8 @@ def grpo_objective(output: ModelOutput, batch: dict[str, Tensor], cfg: TrainConf
         got = "nothing" if advantages is None else f"shape {tuple(advantages.shape)}"
         raise SmolforgeError(f"train.objective 'grpo' needs batch 'advantages', one per row ({labels.shape[0]},); "
                              f"got {got}: GRPO batches come from smolforge.data.rl.RolloutLoader")
-    logps, log_probs = label_log_probs(output.logits, labels, batch.get("temperature", 1.0))
+    temperature = batch.get("temperature", 1.0)
+    logps = token_log_probs(output.logits, labels, temperature)
     old = batch.get("old_logps")
     old = logps.detach() if old is None else old.float()
     per_token, low, high = clipped_surrogate(logps, old, advantages, epsilon, epsilon_high)
@@ -158,17 +145,17 @@ def grpo_objective(output: ModelOutput, batch: dict[str, Tensor], cfg: TrainConf
         kl = k3_kl(logps, ref.float())
         if beta > 0:
             per_token = per_token + beta * kl
-        metrics["kl"] = _masked_mean(kl.detach(), mask)
+        metrics["kl"] = masked_mean(kl.detach(), mask)
     max_tokens = batch.get("max_completion_tokens")
     if loss_type == "dr_grpo" and max_tokens is None:
         raise SmolforgeError("train.loss_type 'dr_grpo' needs batch 'max_completion_tokens' (the generation budget)")
     loss = normalise_loss(per_token, mask, loss_type, max_tokens if max_tokens is not None else 1)
     with torch.no_grad():
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
-        metrics.update({"clip_fraction": _masked_mean((low | high).float(), mask),
-                        "clip_fraction/low": _masked_mean(low.float(), mask),
-                        "clip_fraction/high": _masked_mean(high.float(), mask),
-                        "entropy": _masked_mean(entropy, mask)})
+        entropy = logits_entropy(output.logits.detach(), temperature)
+        metrics.update({"clip_fraction": masked_mean((low | high).float(), mask),
+                        "clip_fraction/low": masked_mean(low.float(), mask),
+                        "clip_fraction/high": masked_mean(high.float(), mask),
+                        "entropy": masked_mean(entropy, mask)})
     if output.aux_loss is not None:  # MoE load balancing applies whatever the objective
         loss = loss + output.aux_loss
         metrics["aux_loss"] = output.aux_loss.detach()

@@ -99,9 +99,10 @@ class PPOConfig(BaseModel):
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of `x` over the positions where `mask` is True (0 when there are none)."""
-    m = mask.to(x.dtype)
-    return (x * m).sum() / m.sum().clamp(min=1)
+    """Mean of `x` over the positions where `mask` is True (0 when there are none). A select, not a
+    product: a non-finite value off the mask stays out. Shared by PPO and GRPO (`train.grpo`)."""
+    mask = mask.bool()
+    return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
@@ -148,28 +149,36 @@ def _shift_right(x: Tensor) -> Tensor:
     return F.pad(x, (1, 0))
 
 
-def token_logprobs(logits: Tensor, input_ids: Tensor, temperature: float = 1.0) -> Tensor:
-    """log pi(x_t | x_<t) for every token (B, T) in fp32, 0 at column 0.
+def label_logprobs(logits: Tensor, labels: Tensor, temperature: float | Tensor = 1.0) -> Tensor:
+    """log p(labels[t]) under logits[t] / temperature, (B, T) in fp32, 0 where labels is -100.
 
-    The logits are divided by the sampling temperature first, so that the probabilities are
-    those of the distribution the rollouts were drawn from (Huang et al. 2024, "temperature").
+    `labels` are aligned with `logits` (already shifted: labels[t] is the target of position t), as
+    in GRPO's batches; `token_logprobs` is the same on unshifted input ids. The logits are divided by
+    the sampling temperature first, so that the probabilities are those of the distribution the
+    rollouts were drawn from (Huang et al. 2024, "temperature"). cross_entropy = -log_softmax
+    gathered at the target, without keeping a (B, T, V) log-prob copy.
     """
-    logits = logits[:, :-1].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    # cross_entropy = -log_softmax gathered at the target, without a (B, T, V) log-prob copy.
-    nll = F.cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none")
-    return _shift_right(-nll.view(input_ids.shape[0], -1))
+    logits = logits.float() / temperature
+    nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    return -nll.view(labels.shape)
+
+
+def logits_entropy(logits: Tensor, temperature: float | Tensor = 1.0) -> Tensor:
+    """Entropy H = logsumexp(z) - sum_v softmax(z)_v z_v of each position's distribution, z = logits /
+    temperature, (B, T) in fp32 (aligned with `logits`)."""
+    z = logits.float() / temperature
+    return torch.logsumexp(z, -1) - (F.softmax(z, -1) * z).sum(-1)
+
+
+def token_logprobs(logits: Tensor, input_ids: Tensor, temperature: float = 1.0) -> Tensor:
+    """log pi(x_t | x_<t) for every token (B, T) in fp32, 0 at column 0 (`label_logprobs` shifted)."""
+    return _shift_right(label_logprobs(logits[:, :-1], input_ids[:, 1:], temperature))
 
 
 def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Entropy H(pi(. | x_<t)) = logsumexp(z) - sum_v softmax(z)_v z_v of the distribution each
-    token was drawn from, (B, T) in fp32, 0 at column 0."""
-    z = logits[:, :-1].float()
-    if temperature != 1.0:
-        z = z / temperature
-    entropy = torch.logsumexp(z, -1) - (F.softmax(z, -1) * z).sum(-1)
-    return _shift_right(entropy)
+    """Entropy H(pi(. | x_<t)) of the distribution each token was drawn from, (B, T) in fp32, 0 at
+    column 0 (`logits_entropy` shifted)."""
+    return _shift_right(logits_entropy(logits[:, :-1], temperature))
 
 
 def last_token_index(mask: Tensor) -> Tensor:
