@@ -189,12 +189,10 @@ def toy_pairs(n: int, generator: torch.Generator, marker: int = 3, pad: int = 0)
     return torch.stack(rows), torch.tensor(lengths)
 
 
-def test_a_tiny_reward_model_learns_a_separable_preference():
-    torch.manual_seed(0)
+def fit_toy_preference(rm: RewardModel, params) -> tuple:
+    """60 Bradley-Terry steps on `toy_pairs`, then (output, ids, lengths, metrics) on fresh pairs."""
     generator = torch.Generator().manual_seed(1)
-    rm = RewardModel(ModelConfig(**{**debug().model_dump(), "vocab_size": 64, "hidden_size": 32,
-                                    "intermediate_size": 64}), pad_id=0)
-    optimizer = torch.optim.AdamW(rm.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
     for _ in range(60):
         ids, lengths = toy_pairs(16, generator)
         loss, _ = reward_objective(rm(ids, lengths=lengths), {}, TrainConfig())
@@ -204,7 +202,20 @@ def test_a_tiny_reward_model_learns_a_separable_preference():
     rm.eval()
     with torch.no_grad():
         ids, lengths = toy_pairs(64, torch.Generator().manual_seed(99))
-        _, metrics = reward_objective(rm(ids, lengths=lengths), {}, TrainConfig())
+        output = rm(ids, lengths=lengths)
+        _, metrics = reward_objective(output, {}, TrainConfig())
+    return output, ids, lengths, metrics
+
+
+def toy_reward_model() -> RewardModel:
+    return RewardModel(ModelConfig(**{**debug().model_dump(), "vocab_size": 64, "hidden_size": 32,
+                                      "intermediate_size": 64}), pad_id=0)
+
+
+def test_a_tiny_reward_model_learns_a_separable_preference():
+    torch.manual_seed(0)
+    rm = toy_reward_model()
+    _, _, _, metrics = fit_toy_preference(rm, rm.parameters())
     assert metrics["accuracy"].item() > 0.9, metrics
 
 
@@ -316,14 +327,8 @@ def test_score_command_writes_rewards(tokenizer, tmp_path):
 # --- LoRA on the reward model: adapters on the body, the head in full (peft's modules_to_save) ---------
 
 
-def toy_reward_model() -> RewardModel:
-    return RewardModel(ModelConfig(**{**debug().model_dump(), "vocab_size": 64, "hidden_size": 32,
-                                      "intermediate_size": 64}), pad_id=0)
-
-
 def test_lora_reward_model_trains_adapters_and_head_only_and_learns_the_toy_preference():
     torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(1)
     rm = toy_reward_model()
     with pytest.raises(SmolforgeError, match="unknown LoRA target"):  # the head trains in full instead
         apply_lora(rm, LoraSettings(r=8, target_modules=["q_proj", "score"]))
@@ -334,18 +339,7 @@ def test_lora_reward_model_trains_adapters_and_head_only_and_learns_the_toy_pref
     assert "score.weight" in trainable and all(".lora_" in n for n in trainable - {"score.weight"})
     assert {id(p) for p in params} == {id(p) for p in rm.parameters() if p.requires_grad}
     assert "base_model.model.score.weight" in adapter_state_dict(rm)
-    optimizer = torch.optim.AdamW(params, lr=3e-3)
-    for _ in range(60):
-        ids, lengths = toy_pairs(16, generator)
-        loss, _ = reward_objective(rm(ids, lengths=lengths), {}, TrainConfig())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    rm.eval()
-    with torch.no_grad():
-        ids, lengths = toy_pairs(64, torch.Generator().manual_seed(99))
-        output = rm(ids, lengths=lengths)
-        _, metrics = reward_objective(output, {}, TrainConfig())
+    output, ids, lengths, metrics = fit_toy_preference(rm, params)
     assert metrics["accuracy"].item() > 0.9, metrics
     after = base_state_dict(rm)
     assert all(torch.equal(after[k], v) for k, v in body.items())  # the body's weights never moved
