@@ -62,9 +62,19 @@ def test_bad_recipes_name_the_key(tmp_path, tree, overrides, expected):
         load_recipe(write(tmp_path, tree), overrides)
 
 
+def test_bundled_recipes_load_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no recipes/ here: the names resolve to the package's copies
+    assert load_recipe("quickstart-sft.yaml", schema=SFTRecipe).train.objective == "sft"
+    assert load_recipe("recipes/quickstart-sft.yaml", schema=SFTRecipe).train.objective == "sft"
+    with pytest.raises(SmolforgeError, match="not found"):  # a path elsewhere is never redirected
+        load_recipe(tmp_path / "sub" / "quickstart-sft.yaml")
+
+
 def test_missing_and_malformed_recipe_files(tmp_path):
     with pytest.raises(SmolforgeError, match="not found"):
         load_recipe(tmp_path / "absent.yaml")
+    with pytest.raises(SmolforgeError, match="bundled one .*quickstart-sft.yaml"):
+        load_recipe("recipes/absent.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
     with pytest.raises(SmolforgeError, match="not valid YAML"):

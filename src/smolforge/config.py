@@ -12,6 +12,7 @@ import argparse
 import difflib
 import hashlib
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
@@ -516,16 +517,27 @@ def _describe(error: ValidationError, schema: type[BaseModel], origin: str) -> s
     return f"invalid recipe {origin}:\n" + "\n".join(lines)
 
 
+def resolve_recipe_path(path: Path) -> Path:
+    """`path` itself, else the bundled recipe of that name when `path` is a bare name or
+    `recipes/NAME` (the docs' commands then work from any directory, not only a clone)."""
+    if path.is_file():
+        return path
+    bundled = Path(str(resources.files("smolforge.recipes").joinpath(path.name)))
+    if path.parent in (Path("."), Path("recipes")) and bundled.is_file():
+        return bundled
+    raise SmolforgeError(f"recipe {path} not found: pass the path of a YAML recipe, or the name of a "
+                         "bundled one (smolforge/recipes/: "
+                         + ", ".join(sorted(p.name for p in bundled.parent.glob("*.yaml"))) + ")")
+
+
 def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None,
                 schema: type[BaseModel] = PretrainRecipe) -> Any:
     """Read a YAML recipe, apply dotted overrides, and validate it against `schema`."""
     tree: dict = {}
     origin = "(command line)"
     if path is not None:
-        path = Path(path)
+        path = resolve_recipe_path(Path(path))
         origin = str(path)
-        if not path.is_file():
-            raise SmolforgeError(f"recipe {path} not found: pass the path of a YAML recipe (see recipes/)")
         try:
             tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
