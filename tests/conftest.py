@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import pytest
+import torch
 
 from smolforge.data.synth import generate
+from smolforge.model import ModelConfig, Transformer, debug
 from smolforge.tokenizer import Tokenizer, train_tokenizer
+from smolforge.train.checkpoint import save_checkpoint
 
 TINY_VOCAB = 384
 
@@ -32,3 +37,34 @@ def synth_tokenizer(tmp_path_factory) -> Tokenizer:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return train_tokenizer([root / "corpus.txt"], vocab_size=512)
+
+
+@pytest.fixture
+def crash_on_call():
+    """`wrap(real, n)`: `real` whose n-th call raises RuntimeError("injected crash"), for the
+    tests that interrupt a run and resume it."""
+    def wrap(real, n: int):
+        calls = 0
+
+        def crashing(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            if calls == n:
+                raise RuntimeError("injected crash")
+            return real(*args, **kwargs)
+        return crashing
+    return wrap
+
+
+def write_preference_run(root: Path, pairs: list[dict], words: list[str]) -> Path:
+    """`root` with pairs.jsonl and a random tiny base checkpoint (`base/`) whose tokenizer was
+    trained on the pairs' words: the start of a preference run."""
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (root / "c.txt").write_text(" ".join(f"say {w} {w} {w} no {w}" for w in words) * 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenizer = train_tokenizer([root / "c.txt"], vocab_size=TINY_VOCAB)
+    torch.manual_seed(0)
+    save_checkpoint(root / "base", Transformer(ModelConfig(**{**debug().model_dump(), "vocab_size": TINY_VOCAB})),
+                    tokenizer)
+    return root

@@ -6,17 +6,16 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_preference_run
 
 from smolforge.config import DPORecipe, SFTRecipe, load_recipe, save_recipe
 from smolforge.data.sft import EpochLoader
 from smolforge.data.synth import generate, write_jsonl
 from smolforge.model import ModelConfig, Transformer, debug
-from smolforge.tokenizer import train_tokenizer
 from smolforge.train.checkpoint import save_checkpoint
 from smolforge.train.loop import train
 
@@ -110,14 +109,7 @@ def dpo_setup(tmp_path_factory) -> Path:
     # Responses of different lengths, so the ranks' micro-batches differ in shape.
     pairs = [{"prompt": f"say {w}", "chosen": f"{w} " * (1 + i % 3), "rejected": f"no {w}"}
              for i, w in enumerate(words * 2)]
-    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    (root / "c.txt").write_text(" ".join(f"say {w} {w} {w} no {w}" for w in words) * 20)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tokenizer = train_tokenizer([root / "c.txt"], vocab_size=384)
-    torch.manual_seed(0)
-    save_checkpoint(root / "base", Transformer(ModelConfig(**{**debug().model_dump(), "vocab_size": 384})), tokenizer)
-    return root
+    return write_preference_run(root, pairs, words)
 
 
 def test_dpo_on_two_processes_equals_one(dpo_setup, tmp_path):

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 
 import pytest
-import torch
+from conftest import write_preference_run
 
 from smolforge.cli import main
-from smolforge.model import ModelConfig, Transformer, debug
-from smolforge.tokenizer import train_tokenizer
-from smolforge.train.checkpoint import save_checkpoint
 
 WORDS = ["king", "queen", "rose", "moon", "ship", "crown", "bell", "fire", "wind", "gold"]
 
@@ -21,14 +17,7 @@ WORDS = ["king", "queen", "rose", "moon", "ship", "crown", "bell", "fire", "wind
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo")
     pairs = [{"prompt": f"say {w}", "chosen": f"{w} {w}", "rejected": f"no {w}"} for w in WORDS] * 4
-    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    (root / "c.txt").write_text(" ".join(f"say {w} {w} {w} no {w}" for w in WORDS) * 20)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tokenizer = train_tokenizer([root / "c.txt"], vocab_size=384)
-    torch.manual_seed(0)
-    save_checkpoint(root / "base", Transformer(ModelConfig(**{**debug().model_dump(), "vocab_size": 384})), tokenizer)
-    return root
+    return write_preference_run(root, pairs, WORDS)
 
 
 @pytest.mark.parametrize("objective", ["dpo", "apo_zero", "ipo", "kto", "simpo", "orpo"])

@@ -191,20 +191,13 @@ def test_several_steps_per_rollout_and_a_cached_or_online_reference(setup, tmp_p
     assert len({r["reward"] for r in cached[:4]}) == 1
 
 
-def test_resume_after_a_crash_equals_the_uninterrupted_run(setup, tmp_path, monkeypatch):
+def test_resume_after_a_crash_equals_the_uninterrupted_run(setup, tmp_path, monkeypatch, crash_on_call):
     from smolforge.train import objectives
 
     common = {"train__batch_size": 8, "grpo__num_iterations": 2, "train__max_steps": 8, "train__save_every": 3}
     want = [(r["step"], r["loss"], r["reward"]) for r in records(train(recipe(setup, tmp_path, "a", **common)).run_dir)]
-    calls = {"n": 0}
-
-    def crashy(output, batch, cfg):
-        calls["n"] += 1
-        if calls["n"] == 5:  # in step 5: after the step-3 checkpoint, in the middle of a rollout
-            raise RuntimeError("injected crash")
-        return grpo_objective(output, batch, cfg)
-
-    monkeypatch.setitem(objectives.OBJECTIVES, "crashy", crashy)
+    # the 5th call is in step 5: after the step-3 checkpoint, in the middle of a rollout
+    monkeypatch.setitem(objectives.OBJECTIVES, "crashy", crash_on_call(grpo_objective, 5))
     with pytest.raises(RuntimeError, match="injected crash"):
         train(recipe(setup, tmp_path, "b", train__objective="crashy", **common))
     resumed = train(recipe(setup, tmp_path, "b", train__objective="crashy", **common), resume=True)

@@ -71,20 +71,13 @@ def test_a_tiny_ppo_run_raises_the_reward_with_bounded_kl(setup, tmp_path):
     assert critic.config.vocab_size == 384
 
 
-def test_resume_after_an_interruption_equals_the_uninterrupted_run(setup, tmp_path, monkeypatch):
+def test_resume_after_an_interruption_equals_the_uninterrupted_run(setup, tmp_path, monkeypatch, crash_on_call):
     common = {"ppo__ppo_iterations": 5, "train__save_every": 2}
     want = [(r["step"], r["reward"], r["policy_loss"], r["kl_coef"]) for r in records(train_ppo(
         recipe(setup, tmp_path, "a", **common)).run_dir)]
-    calls = {"n": 0}
     real_update = ppo_stage.ppo_update
-
-    def crashy(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # iteration 4: after the step-2 checkpoint
-            raise RuntimeError("injected crash")
-        return real_update(*args, **kwargs)
-
-    monkeypatch.setattr(ppo_stage, "ppo_update", crashy)
+    # iteration 4: after the step-2 checkpoint
+    monkeypatch.setattr(ppo_stage, "ppo_update", crash_on_call(real_update, 4))
     with pytest.raises(RuntimeError, match="injected crash"):
         train_ppo(recipe(setup, tmp_path, "b", **common))
     monkeypatch.setattr(ppo_stage, "ppo_update", real_update)
@@ -159,18 +152,11 @@ def rlhf_args(data, tmp_path, name: str) -> list[str]:
     return ["rlhf", str(path)]
 
 
-def test_rlhf_runs_the_three_stages_and_resumes_after_an_interruption(rlhf_data, tmp_path, monkeypatch, capsys):
+def test_rlhf_runs_the_three_stages_and_resumes_after_an_interruption(rlhf_data, tmp_path, monkeypatch, capsys, crash_on_call):
     args = rlhf_args(rlhf_data, tmp_path, "pipe")
-    calls = {"n": 0}
     real_update = ppo_stage.ppo_update
-
-    def crashy(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:  # PPO's second iteration, after its first checkpoint
-            raise RuntimeError("injected crash")
-        return real_update(*a, **k)
-
-    monkeypatch.setattr(ppo_stage, "ppo_update", crashy)
+    # PPO's second iteration, after its first checkpoint
+    monkeypatch.setattr(ppo_stage, "ppo_update", crash_on_call(real_update, 2))
     with pytest.raises(RuntimeError, match="injected crash"):
         main(args)
     root = tmp_path / "pipe"

@@ -150,7 +150,7 @@ def test_qlora_trains_adapters_over_an_nf4_base_and_merges_to_the_trained_model(
 
 
 @cuda_only
-def test_qlora_sft_run_on_cuda_checkpoints_merged_weights_and_resumes(sft_setup, monkeypatch):
+def test_qlora_sft_run_on_cuda_checkpoints_merged_weights_and_resumes(sft_setup, monkeypatch, crash_on_call):
     full = train(sft_recipe(sft_setup, "full", **{"train.device": "cuda"}), stage="sft")
     log = [json.loads(line) for line in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
@@ -166,15 +166,7 @@ def test_qlora_sft_run_on_cuda_checkpoints_merged_weights_and_resumes(sft_setup,
 
     from smolforge.train import objectives
 
-    calls = {"n": 0}
-
-    def crashy(output, batch, cfg):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("injected crash")
-        return objectives.lm(output, batch, cfg)
-
-    monkeypatch.setitem(objectives.OBJECTIVES, "crashy", crashy)
+    monkeypatch.setitem(objectives.OBJECTIVES, "crashy", crash_on_call(objectives.lm, 5))
     with pytest.raises(RuntimeError, match="injected crash"):
         train(sft_recipe(sft_setup, "split", **{"train.device": "cuda", "train.objective": "crashy"}), stage="sft")
     resumed = train(sft_recipe(sft_setup, "split", **{"train.device": "cuda"}), resume=True, stage="sft")

@@ -422,7 +422,7 @@ def losses(run_dir) -> list[dict]:
 
 
 def test_lora_reward_stage_learns_saves_merged_and_peft_and_resumes_exactly(preference_setup, tmp_path,
-                                                                             monkeypatch):
+                                                                             monkeypatch, crash_on_call):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     full = lora_reward_run(preference_setup, tmp_path, "full")
@@ -450,15 +450,7 @@ def test_lora_reward_stage_learns_saves_merged_and_peft_and_resumes_exactly(pref
         torch.testing.assert_close(peft_model(input_ids=ids, attention_mask=attention_mask).logits[:, 0],
                                    merged(ids, lengths=lengths).logits, atol=1e-5, rtol=1e-4)
     # crash in step 7 (after the step-6 checkpoint), resume: adapters, head and optimizer come back
-    calls = {"n": 0}
-
-    def crashy(output, batch, cfg):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise RuntimeError("injected crash")
-        return reward_objective(output, batch, cfg)
-
-    monkeypatch.setitem(objectives.OBJECTIVES, "reward", crashy)
+    monkeypatch.setitem(objectives.OBJECTIVES, "reward", crash_on_call(reward_objective, 7))
     with pytest.raises(RuntimeError, match="injected crash"):
         lora_reward_run(preference_setup, tmp_path, "split")
     monkeypatch.setitem(objectives.OBJECTIVES, "reward", reward_objective)

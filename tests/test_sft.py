@@ -195,7 +195,7 @@ def test_tiny_sft_run_learns_and_keeps_the_template(tokenizer, tmp_path):
     assert meta["stage"] == "sft" and meta["parent"] == str(tmp_path / "base")
 
 
-def test_lora_sft_trains_adapters_only_and_resumes_exactly(tokenizer, tmp_path, monkeypatch):
+def test_lora_sft_trains_adapters_only_and_resumes_exactly(tokenizer, tmp_path, monkeypatch, crash_on_call):
     """LoRA on a stage: checkpoints hold the merged model, the adapter loads with peft on the base,
     and a resume from a mid-run checkpoint gives the uninterrupted run's losses."""
     peft = pytest.importorskip("peft")
@@ -229,15 +229,7 @@ def test_lora_sft_trains_adapters_only_and_resumes_exactly(tokenizer, tmp_path, 
     # crash in step 5 (after the step-4 checkpoint), then resume to 8: the same losses
     from smolforge.train import objectives
 
-    calls = {"n": 0}
-
-    def crashy(output, batch, cfg):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("injected crash")
-        return objectives.lm(output, batch, cfg)
-
-    monkeypatch.setitem(objectives.OBJECTIVES, "crashy", crashy)
+    monkeypatch.setitem(objectives.OBJECTIVES, "crashy", crash_on_call(objectives.lm, 5))
     with pytest.raises(RuntimeError, match="injected crash"):
         run("split", 8, objective="crashy")
     resumed = run("split", 8, resume=True)
