@@ -125,7 +125,13 @@ class TrainConfig(Section):
         "wsd", description="LR shape after warmup: warmup-stable-decay, cosine, linear or constant.")
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
     decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: share of steps spent decaying linearly (playbook: 10-20%).")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not applied to embeddings, norms, biases).")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="adamw = AdamW for every parameter; muon = Muon (Jordan et al. 2024) for the hidden "
+                             "layers' matrices, with Moonshot's AdamW-matched update RMS so train.lr and "
+                             "weight_decay serve both, and AdamW for embeddings, heads, routers, norms, biases "
+                             "and LoRA adapters. Not with parallel: fsdp2.")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="Muon: Nesterov momentum of its matrices (Jordan et al. 2024: 0.95).")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not applied to embeddings, norms, biases); Muon's too.")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
@@ -164,6 +170,10 @@ class TrainConfig(Section):
     def _check_warmup(self) -> TrainConfig:
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"train.warmup_steps ({self.warmup_steps}) exceeds train.max_steps ({self.max_steps})")
+        if self.optimizer == "muon" and self.parallel == "fsdp2":
+            # torch.optim.Muon orthogonalises each whole matrix; FSDP2 hands it row shards (DTensors).
+            raise ValueError("train.optimizer: muon is not supported with train.parallel: fsdp2: use "
+                             "train.parallel: ddp or train.optimizer: adamw")
         return self
 
 

@@ -8,7 +8,8 @@ query / KV heads of width d, e = activation bytes (2 in bf16, 4 in fp32), c = 2 
 casts an fp32 matmul input (0 in fp32). Bytes per GPU:
 - weights 4P (fp32 master, a frozen LoRA base too); bf16 weight copies 2W (autocast's casts, kept
   for the backward; none in fp32 nor under FSDP2, assumed with MixedPrecisionPolicy(bf16));
-  gradients 4T (fp32); optimizer 8T (AdamW m and v). FSDP2 shards these over N (ZeRO-3); DDP not;
+  gradients 4T (fp32); optimizer 8T (AdamW m and v), or with train.optimizer: muon 8T - 4M
+  (M = the hidden-layer matrices, which keep Muon's single momentum buffer; no LoRA). FSDP2 shards these over N (ZeRO-3); DDP not;
 - comm buffers: DDP with N > 1, 4T (torch's default gradient_as_bucket_view=False copies the
   gradients into buckets); FSDP2, 8 B x the largest wrapped unit (layer or embedding): two gathered
   bf16 units (current + prefetched) and one unsharded fp32 gradient;
@@ -122,6 +123,18 @@ def layer_activation_bytes(cfg: ModelConfig, seq_len: int, bf16: bool, masked: b
     return attn + mlp + shared
 
 
+def muon_matrices(cfg: ModelConfig) -> int:
+    """Parameters Muon trains under `train.optimizer: muon` (smolforge.train.optim.muon_parameters):
+    the blocks' attention and MLP/expert matrices, less the MoE routers."""
+    h, d = cfg.hidden_size, cfg.resolved_head_dim
+    attn = h * d * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    if cfg.n_experts:
+        mlp = (cfg.n_experts + cfg.n_shared_experts) * 3 * h * cfg.expert_size
+    else:
+        mlp = 3 * h * cfg.intermediate_size
+    return cfg.n_layers * (attn + mlp)
+
+
 def lora_linears(cfg: ModelConfig, lora: LoraSettings) -> list[tuple[int, int, float]]:
     """(in, out, share of tokens through it) of every Linear that `lora` adapts, in all layers."""
     h, q, kv = cfg.hidden_size, cfg.n_heads * cfg.resolved_head_dim, cfg.n_kv_heads * cfg.resolved_head_dim
@@ -164,7 +177,7 @@ def estimate(recipe: PretrainRecipe, cfg: ModelConfig, setup: Setup, reference_w
         "weights": math.ceil(4 * total / shard),
         "bf16 weight copies": 2 * linear if bf16 and not fsdp else 0,
         "gradients": math.ceil(4 * trainable / shard),
-        "optimizer": math.ceil(8 * trainable / shard),
+        "optimizer": math.ceil((8 * trainable - 4 * (muon_matrices(cfg) if t.optimizer == "muon" and r == 0 else 0)) / shard),
         "comm buffers": 8 * unit if fsdp else (4 * trainable if n > 1 else 0),
         "reference model": reference_width * total if online else 0,
         "activations": math.ceil(rows * s * (kept + (s if masked else 0))),
