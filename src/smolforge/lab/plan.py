@@ -271,7 +271,7 @@ def format_plan(plan: Plan, recipe: PretrainRecipe, setup: Setup, source: str) -
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "plan", help="Estimate parameters, memory per GPU and time per step of a recipe, before training.",
-        description="From shapes alone: parameters, memory per GPU (weights, gradients, AdamW state, activations, "
+        description="From shapes alone: parameters, memory per GPU (weights, gradients, optimizer state (AdamW or Muon), activations, "
                     "logits) and whether it fits, tokens and FLOPs per step, time at an assumed MFU. Formulas and "
                     "assumptions: `pydoc smolforge.lab.plan`.")
     parser.add_argument("recipe", nargs="?", help="YAML recipe (see recipes/); omit to use only flags.")

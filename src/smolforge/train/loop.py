@@ -2,7 +2,7 @@
 
 Stages differ only in their data and their objective (looked up by name in
 `smolforge.train.objectives`). The loop handles the rest the same way for all of them:
-AdamW with warmup + WSD/cosine/linear/constant, gradient accumulation in fp32, clipping, bf16
+AdamW (or Muon + AdamW, `train.optimizer`) with warmup + WSD/cosine/linear/constant, gradient accumulation in fp32, clipping, bf16
 autocast with fp32 master weights on CUDA (playbook ch. 04/07: bf16-only accumulation drifts),
 periodic evaluation, atomic checkpoints with exact resume (model, optimizer, data position, RNG
 states), `metrics.jsonl`, and a progress bar with loss, lr, tokens/s and ETA.
