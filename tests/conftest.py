@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from smolforge.data.shards import tokenize_corpus
 from smolforge.data.synth import generate
 from smolforge.model import ModelConfig, Transformer, debug
+from smolforge.quickstart import bundled_text
 from smolforge.tokenizer import Tokenizer, train_tokenizer
 from smolforge.train.checkpoint import save_checkpoint
 
@@ -67,4 +69,17 @@ def write_preference_run(root: Path, pairs: list[dict], words: list[str]) -> Pat
     torch.manual_seed(0)
     save_checkpoint(root / "base", Transformer(ModelConfig(**{**debug().model_dump(), "vocab_size": TINY_VOCAB})),
                     tokenizer)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """A tokenizer and train/val shards from 80 kB of the bundled text (pretraining runs)."""
+    root = tmp_path_factory.mktemp("prepared")
+    text = bundled_text()[:80_000]
+    (root / "train.txt").write_text(text[:72_000])
+    (root / "val.txt").write_text(text[72_000:])
+    train_tokenizer([root / "train.txt"], vocab_size=512).save(root / "tok")
+    tokenize_corpus([root / "train.txt"], root / "tok", root / "train", workers=1, progress=False)
+    tokenize_corpus([root / "val.txt"], root / "tok", root / "val", workers=1, progress=False)
     return root

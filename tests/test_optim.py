@@ -11,10 +11,7 @@ import pytest
 import torch
 
 from smolforge.config import TrainConfig, load_recipe
-from smolforge.data.shards import tokenize_corpus
 from smolforge.model import Transformer, debug
-from smolforge.quickstart import bundled_text
-from smolforge.tokenizer import train_tokenizer
 from smolforge.train import checkpoint as ckpt
 from smolforge.train.loop import train
 from smolforge.train.lora import LoraSettings, apply_lora
@@ -137,18 +134,6 @@ def test_muon_with_fsdp2_is_refused():
     with pytest.raises(Exception, match="muon is not supported with train.parallel: fsdp2"):
         TrainConfig(optimizer="muon", parallel="fsdp2")
     assert TrainConfig().optimizer == "adamw"
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("prepared")
-    text = bundled_text()[:40_000]
-    (root / "train.txt").write_text(text[:36_000])
-    (root / "val.txt").write_text(text[36_000:])
-    train_tokenizer([root / "train.txt"], vocab_size=512).save(root / "tok")
-    tokenize_corpus([root / "train.txt"], root / "tok", root / "train", workers=1, progress=False)
-    tokenize_corpus([root / "val.txt"], root / "tok", root / "val", workers=1, progress=False)
-    return root
 
 
 def muon_recipe(prepared: Path, run_dir: Path, **train):

@@ -10,26 +10,12 @@ import pytest
 import torch
 
 from smolforge.config import load_recipe
-from smolforge.data.shards import TokenShards, tokenize_corpus
+from smolforge.data.shards import TokenShards
 from smolforge.errors import SmolforgeError
 from smolforge.eval.bpb import token_byte_lengths
-from smolforge.quickstart import bundled_text
-from smolforge.tokenizer import Tokenizer, train_tokenizer
+from smolforge.tokenizer import Tokenizer
 from smolforge.train import checkpoint as ckpt
 from smolforge.train.loop import train
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """A tokenizer and train/val shards from 80 kB of the bundled text."""
-    root = tmp_path_factory.mktemp("prepared")
-    text = bundled_text()[:80_000]
-    (root / "train.txt").write_text(text[:72_000])
-    (root / "val.txt").write_text(text[72_000:])
-    train_tokenizer([root / "train.txt"], vocab_size=512).save(root / "tok")
-    tokenize_corpus([root / "train.txt"], root / "tok", root / "train", workers=1, progress=False)
-    tokenize_corpus([root / "val.txt"], root / "tok", root / "val", workers=1, progress=False)
-    return root
 
 
 def recipe_for(prepared: Path, run_dir: Path, **train_overrides):
