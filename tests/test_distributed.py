@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train import prepared, read_metrics, recipe_for  # noqa: F401  (`prepared` is a fixture)
+from test_train import read_metrics, recipe_for
 
 from smolforge.config import save_recipe
 from smolforge.data.loader import PretrainLoader, SourceSpec

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from test_distributed import grad_norms, losses
 from test_distributed_stages import launch
-from test_train import prepared, recipe_for  # noqa: F401  (`prepared` is a fixture)
+from test_train import recipe_for
 
 from smolforge.cli import main as cli_main
 from smolforge.config import save_recipe
