@@ -14,6 +14,7 @@ from smolforge.data.synth import generate
 from smolforge.model import ModelConfig, Transformer, debug
 from smolforge.quickstart import bundled_text
 from smolforge.tokenizer import Tokenizer, train_tokenizer
+from smolforge.train import checkpoint as ckpt
 from smolforge.train.checkpoint import save_checkpoint
 
 TINY_VOCAB = 384
@@ -83,3 +84,30 @@ def prepared(tmp_path_factory) -> Path:
     tokenize_corpus([root / "train.txt"], root / "tok", root / "train", workers=1, progress=False)
     tokenize_corpus([root / "val.txt"], root / "tok", root / "val", workers=1, progress=False)
     return root
+
+
+@pytest.fixture
+def crash_after_checkpoint(monkeypatch):
+    """`run_crashed(start, step)`: call `start()` with a KeyboardInterrupt raised right after the
+    checkpoint of `step` is written (where a kill -9 would leave the run), then save normally again."""
+    def run_crashed(start, step: int) -> None:
+        real = ckpt.save_run_checkpoint
+
+        def save_then_crash(run_dir, at, *args, **kwargs):
+            path = real(run_dir, at, *args, **kwargs)
+            if at == step:
+                raise KeyboardInterrupt(f"simulated crash after step {step}")
+            return path
+        monkeypatch.setattr(ckpt, "save_run_checkpoint", save_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            start()
+        monkeypatch.setattr(ckpt, "save_run_checkpoint", real)
+    return run_crashed
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """The two checkpoints hold bit-identical weights."""
+    first, _ = ckpt.load_model(a)
+    second, _ = ckpt.load_model(b)
+    for (name, p), q in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(p, q), name

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_weights
 
 from smolforge.config import TrainConfig, load_recipe
 from smolforge.model import Transformer, debug
-from smolforge.train import checkpoint as ckpt
 from smolforge.train.loop import train
 from smolforge.train.lora import LoraSettings, apply_lora
 from smolforge.train.optim import MuonWithAdamW, build_optimizer, muon_parameters, parameter_groups
@@ -154,7 +154,7 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in records if "loss" in r]
 
 
-def test_muon_pretraining_learns_and_resumes_exactly(prepared, tmp_path, monkeypatch):
+def test_muon_pretraining_learns_and_resumes_exactly(prepared, tmp_path, crash_after_checkpoint):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a debug model has hidden matrices: Muon is really used
         reference = train(muon_recipe(prepared, tmp_path / "a"))
@@ -162,24 +162,10 @@ def test_muon_pretraining_learns_and_resumes_exactly(prepared, tmp_path, monkeyp
     values = [loss for _, loss in want]
     assert len(values) == 20 and sum(values[-5:]) / 5 < sum(values[:5]) / 5 - 0.7
 
-    real_save = ckpt.save_run_checkpoint
-
-    def save_then_crash(run_dir, step, *args, **kwargs):
-        path = real_save(run_dir, step, *args, **kwargs)
-        if step == 10:
-            raise KeyboardInterrupt("simulated crash after step 10")
-        return path
-
-    monkeypatch.setattr(ckpt, "save_run_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(muon_recipe(prepared, tmp_path / "b"))
-    monkeypatch.setattr(ckpt, "save_run_checkpoint", real_save)
+    crash_after_checkpoint(lambda: train(muon_recipe(prepared, tmp_path / "b")), step=10)
     resumed = train(muon_recipe(prepared, tmp_path / "b"), resume=True)
     assert losses(resumed.run_dir) == want  # bit-identical: both optimizers' states came back
-    a, _ = ckpt.load_model(reference.final_checkpoint)
-    b, _ = ckpt.load_model(resumed.final_checkpoint)
-    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(p, q), name
+    assert_same_weights(reference.final_checkpoint, resumed.final_checkpoint)
 
 
 def test_plan_counts_muons_single_momentum_buffer():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_weights
 
 from smolforge.config import load_recipe
 from smolforge.data.shards import TokenShards
@@ -63,29 +64,15 @@ def test_pretraining_learns_and_checkpoint_reloads(prepared, tmp_path):
     assert meta["stage"] == "pretrain" and len(meta["data_manifest_hash"]) == 64 and meta["step"] == 30
 
 
-def test_resume_after_a_crash_equals_the_uninterrupted_run(prepared, tmp_path, monkeypatch):
+def test_resume_after_a_crash_equals_the_uninterrupted_run(prepared, tmp_path, crash_after_checkpoint):
     reference = train(recipe_for(prepared, tmp_path / "a", max_steps=20, save_every=5))
     want = [(r["step"], r["loss"]) for r in read_metrics(reference.run_dir) if "loss" in r]
 
-    real_save = ckpt.save_run_checkpoint
-
-    def save_then_crash(run_dir, step, *args, **kwargs):
-        path = real_save(run_dir, step, *args, **kwargs)
-        if step == 10:
-            raise KeyboardInterrupt("simulated crash after step 10")
-        return path
-
-    monkeypatch.setattr(ckpt, "save_run_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(recipe_for(prepared, tmp_path / "b", max_steps=20, save_every=5))
-    monkeypatch.setattr(ckpt, "save_run_checkpoint", real_save)
+    crash_after_checkpoint(lambda: train(recipe_for(prepared, tmp_path / "b", max_steps=20, save_every=5)), step=10)
     resumed = train(recipe_for(prepared, tmp_path / "b", max_steps=20, save_every=5), resume=True)
     got = [(r["step"], r["loss"]) for r in read_metrics(resumed.run_dir) if "loss" in r]
     assert got == want  # bit-identical losses, and no duplicated records
-    a, _ = ckpt.load_model(reference.final_checkpoint)
-    b, _ = ckpt.load_model(resumed.final_checkpoint)
-    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(p, q), name
+    assert_same_weights(reference.final_checkpoint, resumed.final_checkpoint)
 
 
 def test_existing_run_needs_resume_and_resume_needs_a_checkpoint(prepared, tmp_path):

@@ -331,36 +331,39 @@ def create_app(model: Transformer, tokenizer: Tokenizer, *, model_name: str,
         server.check_model(name)
         return _model_card(server)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    async def generate(body: Any, request: Request, prepare: Any, id_prefix: str, events: Any,
+                       whole: Any) -> Any:
+        """What both generation routes do: validate and render the request (in a worker thread:
+        tokenising is CPU work), queue it on the batcher, then stream events or wait for the
+        whole completion."""
         server.check_model(body.model)
-        prepared = await run_in_threadpool(server.prepare_chat, body)
+        prepared = await run_in_threadpool(prepare, body)
         stream = server.submit(prepared)
-        request_id, created = _new_id("chatcmpl"), int(time.time())
+        request_id, created = _new_id(id_prefix), int(time.time())
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            events = _chat_events(server, stream, prepared, request_id, created, usage)
-            return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
+            return StreamingResponse(events(server, stream, prepared, request_id, created, usage),
+                                     media_type="text/event-stream", headers=_SSE_HEADERS)
         completion = await server.result(stream, request)
+        return JSONResponse(whole(prepared, completion, request_id, created))
+
+    def whole_chat(prepared: Any, completion: Any, request_id: str, created: int) -> dict[str, Any]:
         reply = chat_reply(completion.text, completion.finish_reason, in_think=prepared.in_think,
                            tools=prepared.tools)
-        return JSONResponse(chat_completion(request_id, created, model_name, reply,
-                                            len(prepared.prompt), len(completion.tokens)))
+        return chat_completion(request_id, created, model_name, reply, len(prepared.prompt),
+                               len(completion.tokens))
+
+    def whole_text(prepared: Any, completion: Any, request_id: str, created: int) -> dict[str, Any]:
+        return text_completion(request_id, created, model_name, prepared.echo + completion.text,
+                               completion.finish_reason, len(prepared.prompt), len(completion.tokens))
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await generate(body, request, server.prepare_chat, "chatcmpl", _chat_events, whole_chat)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        server.check_model(body.model)
-        prepared = await run_in_threadpool(server.prepare_completion, body)
-        stream = server.submit(prepared)
-        request_id, created = _new_id("cmpl"), int(time.time())
-        if body.stream:
-            usage = body.stream_options is not None and body.stream_options.include_usage
-            events = _text_events(server, stream, prepared, request_id, created, usage)
-            return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
-        completion = await server.result(stream, request)
-        return JSONResponse(text_completion(request_id, created, model_name,
-                                            prepared.echo + completion.text, completion.finish_reason,
-                                            len(prepared.prompt), len(completion.tokens)))
+        return await generate(body, request, server.prepare_completion, "cmpl", _text_events, whole_text)
 
     @app.get("/", include_in_schema=False)
     async def web_chat() -> FileResponse:
