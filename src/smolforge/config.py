@@ -142,6 +142,15 @@ class TrainConfig(Section):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
     activation_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward pass: much less memory, about a third more compute.")
+    attention: Literal["auto", "sdpa", "flex", "flash"] = Field(
+        "sdpa", description="Attention kernel for document-masked (packed) training batches: sdpa = "
+                            "scaled_dot_product_attention with a dense mask (every device); flex = FlexAttention, "
+                            "compiled (CUDA); flash = flash-attn's varlen kernel (CUDA, bf16, pip install "
+                            "'smolforge[flash]'); auto = flex on CUDA with data.document_masking, sdpa otherwise. The default stays sdpa until the "
+                            "CUDA kernels are verified on a GPU (docs/pretraining.md).")
+    liger: bool = Field(False, description="lm/sft objectives: Liger-Kernel's fused linear cross-entropy, which never "
+                                           "materialises the logits (CUDA, pip install 'smolforge[liger]'). Not with "
+                                           "parallel: fsdp2.")
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = all cores.")
     parallel: Literal["ddp", "fsdp2"] = Field(
         "ddp", description="Under torchrun (WORLD_SIZE > 1): ddp replicates the model on every rank; fsdp2 shards "
@@ -174,6 +183,14 @@ class TrainConfig(Section):
             # torch.optim.Muon orthogonalises each whole matrix; FSDP2 hands it row shards (DTensors).
             raise ValueError("train.optimizer: muon is not supported with train.parallel: fsdp2: use "
                              "train.parallel: ddp or train.optimizer: adamw")
+        if self.liger and self.objective not in ("lm", "sft"):
+            raise ValueError(f"train.liger fuses the LM head into the lm/sft cross-entropy; train.objective "
+                             f"{self.objective!r} needs the logits: set train.liger: false")
+        if self.liger and self.parallel == "fsdp2":
+            # The loss reads the LM head weight outside the model's forward, where FSDP2 has
+            # already resharded it.
+            raise ValueError("train.liger is not supported with train.parallel: fsdp2: use train.parallel: ddp "
+                             "or train.liger: false")
         return self
 
 

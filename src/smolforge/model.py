@@ -15,7 +15,8 @@ Architecture choices (Llama / Qwen3 / SmolLM3 family, Smol Training Playbook ch.
   (Fedus et al. 2021) returned as `aux_loss`;
 - attention through `torch.nn.functional.scaled_dot_product_attention`, with intra-document
   masking for packed sequences (`document_ids`; the caller restarts `position_ids` at each
-  document) and a key-padding mask for batched generation;
+  document) and a key-padding mask for batched generation; training on CUDA may route the
+  document-masked case through FlexAttention or FlashAttention varlen (`smolforge.kernels`);
 - a pre-allocated KV cache so that the same `forward` serves training and decoding.
 
 Parameter names follow Hugging Face's Llama/Qwen3 layout below `model.`, so the state-dict
@@ -31,6 +32,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
+
+from smolforge.kernels import DocumentAttention, document_attention
 
 
 class ModelConfig(BaseModel):
@@ -316,7 +319,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | DocumentAttention | None,
                 cache: KVCache | None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -328,11 +331,14 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        # mask None means plain causal attention over this sequence (the training fast path).
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        if isinstance(mask, DocumentAttention):  # packed rows through flex / flash (train.attention)
+            y = mask(q, k, v)
+        else:
+            # mask None means plain causal attention over this sequence (the training fast path).
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -389,7 +395,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MoE(cfg) if cfg.n_experts else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | DocumentAttention | None,
                 cache: KVCache | None) -> tuple[Tensor, Tensor | None]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         h = self.mlp(self.post_attention_layernorm(x))
@@ -411,8 +417,12 @@ class Backbone(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: Tensor  # (B, T, vocab), in the compute dtype
+    logits: Tensor | None  # (B, T, vocab), in the compute dtype; None when `hidden` replaces it
     aux_loss: Tensor | None = None  # MoE load-balancing loss, already weighted; None when dense
+    # Transformer.return_hidden (train.liger): the final-norm hidden states (B, T, hidden) and the
+    # LM head weight, for a loss that fuses the head with cross-entropy instead of `logits`.
+    hidden: Tensor | None = None
+    head_weight: Tensor | None = None
 
 
 def build_attention_mask(T: int, document_ids: Tensor | None, key_mask: Tensor | None,
@@ -449,9 +459,11 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(self._init_weights)
-        # Set by the training loop (train.activation_checkpointing); a runtime switch, not a
-        # property of the architecture, hence not in ModelConfig.
+        # Set by the training loop (train.activation_checkpointing, train.attention, train.liger);
+        # runtime switches, not properties of the architecture, hence not in ModelConfig.
         self.activation_checkpointing = False
+        self.attention_backend = "sdpa"  # or "flex" / "flash": document-masked forwards only
+        self.return_hidden = False  # training forwards return hidden states, not logits
 
     def _init_weights(self, module: nn.Module) -> None:
         # Playbook ch. 04: N(0, 0.02) everywhere, zero biases, norms at one.
@@ -488,7 +500,12 @@ class Transformer(nn.Module):
                 else:
                     cache.key_mask[:, past : past + T] = True
                 key_mask = cache.key_mask[:, : past + T]
-            mask = build_attention_mask(T, document_ids, key_mask, past)
+            if (self.attention_backend != "sdpa" and document_ids is not None and key_mask is None
+                    and cache is None):
+                # Built once per forward, shared by every layer (a BlockMask or cu_seqlens).
+                mask = document_attention(self.attention_backend, document_ids)
+            else:
+                mask = build_attention_mask(T, document_ids, key_mask, past)
         cos, sin = rope_cos_sin(position_ids, self.config.resolved_head_dim, self.config.rope_theta)
         x = self.model.embed_tokens(input_ids)
         aux_total = None
@@ -503,10 +520,15 @@ class Transformer(nn.Module):
                 aux_total = aux if aux_total is None else aux_total + aux
         if cache is not None and cache.slot is None:
             cache.length += T
-        logits = self.lm_head(self.model.norm(x))
         if aux_total is not None:
             aux_total = aux_total * self.config.router_aux_loss_coef / self.config.n_layers
-        return ModelOutput(logits=logits, aux_loss=aux_total)
+        hidden = self.model.norm(x)
+        if self.return_hidden and self.training and cache is None:
+            # The LM head's input as autocast would cast it; the loss applies the head itself.
+            if torch.is_autocast_enabled(hidden.device.type):
+                hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+            return ModelOutput(logits=None, aux_loss=aux_total, hidden=hidden, head_weight=self.lm_head.weight)
+        return ModelOutput(logits=self.lm_head(hidden), aux_loss=aux_total)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.lm_head.weight

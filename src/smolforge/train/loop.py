@@ -44,6 +44,7 @@ from smolforge.config import (
 from smolforge.data.loader import PretrainLoader, SourceSpec, model_inputs
 from smolforge.errors import SmolforgeError
 from smolforge.eval.bpb import evaluate_loss_and_bpb, token_byte_lengths
+from smolforge.kernels import check_liger, resolve_attention
 from smolforge.model import (
     ModelConfig,
     Transformer,
@@ -363,6 +364,15 @@ def _train(recipe: PretrainRecipe, resume: bool, stage: str, dist: DistInfo) -> 
                   f"{format_count(sum(p.numel() for p in adapters))} trainable parameters")
     objective = get_objective(tcfg.objective)
     use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and device.type == "cuda")
+    # Kernel switches (smolforge.kernels): they change how the model computes, not its weights.
+    attention = resolve_attention(tcfg.attention, device, recipe.data.document_masking, use_bf16)
+    if tcfg.liger:
+        check_liger(device)
+    if isinstance(model, Transformer):
+        model.attention_backend, model.return_hidden = attention, tcfg.liger
+    elif tcfg.attention in ("flex", "flash"):
+        raise SmolforgeError(f"train.attention: {tcfg.attention} is not supported for the reward model yet: "
+                             f"use train.attention: sdpa or auto")
     sharded = dist.enabled and tcfg.parallel == "fsdp2"
     if sharded:
         if lora is not None:

@@ -48,14 +48,22 @@ def z_loss(logits: Tensor, mask: Tensor) -> Tensor:
 def lm(output: ModelOutput, batch: dict[str, Tensor], cfg: TrainConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """Next-token cross-entropy averaged over the labelled tokens (+ z-loss, + MoE aux loss)."""
     labels = batch["labels"]
-    mask = (labels != IGNORE_INDEX).float()
-    ce = token_cross_entropy(output.logits, labels).sum() / mask.sum().clamp(min=1)
-    loss = ce
-    metrics = {"ce": ce.detach()}
-    if cfg.z_loss > 0:
-        zl = z_loss(output.logits, mask)
-        loss = loss + cfg.z_loss * zl
-        metrics["z_loss"] = zl.detach()
+    if output.logits is None:  # train.liger: the model returned hidden states; fuse head and loss
+        from smolforge.kernels import fused_linear_cross_entropy
+
+        loss, ce, zl = fused_linear_cross_entropy(output.hidden, output.head_weight, labels, cfg.z_loss)
+        metrics = {"ce": ce}
+        if zl is not None:
+            metrics["z_loss"] = zl
+    else:
+        mask = (labels != IGNORE_INDEX).float()
+        ce = token_cross_entropy(output.logits, labels).sum() / mask.sum().clamp(min=1)
+        loss = ce
+        metrics = {"ce": ce.detach()}
+        if cfg.z_loss > 0:
+            zl = z_loss(output.logits, mask)
+            loss = loss + cfg.z_loss * zl
+            metrics["z_loss"] = zl.detach()
     if output.aux_loss is not None:
         loss = loss + output.aux_loss
         metrics["aux_loss"] = output.aux_loss.detach()
