@@ -240,3 +240,27 @@ def test_conversations_that_outgrow_the_context_stop(chat_tokenizer, tmp_path):
     assert result.n == 1 and result.metrics["turn_accuracy"] == 1.0
     assert "conversation_accuracy" not in result.metrics  # no conversation was scored whole
     assert any("1 of 2 turns not scored" in note for note in result.notes)
+
+
+def _report(correct: list[bool]) -> smol_tasks.SmolTaskReport:
+    return smol_tasks.report_from_records([
+        {"index": i, "draw": 0, "task": "addition", "mode": "think", "prompt": "p", "response": "r",
+         "correct": ok, "honoured": True} for i, ok in enumerate(correct)])
+
+
+@pytest.mark.parametrize("before, after, expected", [
+    # 6 fixed, 0 broken, 2 unchanged: p = 2 * C(6,0) / 2^6
+    ([False] * 6 + [True, False], [True] * 6 + [True, False], (6, 0, 2 / 64)),
+    # 3 fixed, 1 broken: p = 2 * (C(4,0) + C(4,1)) / 2^4
+    ([False, False, False, True], [True, True, True, False], (3, 1, 10 / 16)),
+    ([True, False], [True, False], (0, 0, 1.0)),  # nothing changed
+])
+def test_paired_change_counts_fixed_and_broken_replies_with_an_exact_mcnemar_p(before, after, expected):
+    fixed, broken, p = _report(before).paired_change(_report(after))
+    assert (fixed, broken) == expected[:2]
+    assert p == pytest.approx(expected[2])
+
+
+def test_paired_change_refuses_reports_on_different_tasks():
+    with pytest.raises(ValueError, match="same tasks"):
+        _report([True, False]).paired_change(_report([True]))

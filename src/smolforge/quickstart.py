@@ -27,6 +27,7 @@ import argparse
 import json
 import shutil
 import time
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,10 @@ from smolforge.errors import SmolforgeError
 
 SAMPLE_PROMPT = "ROMEO:\n"
 # The SFT stage's tasks: ones a ~3M-parameter model can pick up within the 3-minute CPU budget.
-SFT_TASKS = "addition,count,format,persona"
+# Addition is listed five times, so 5/8 of the conversations are arithmetic: its traces take the
+# most steps to learn (docs/benchmarks.md, "Quickstart"), while counting and the format tasks
+# reach their accuracy on less. The held-out, pair and GRPO prompts follow the same mix.
+SFT_TASKS = "addition,addition,addition,addition,addition,count,format,persona"
 # Eval tasks run on every chat stage (they need no downloaded data), and their budget: seconds
 # on a laptop CPU, not minutes.
 CHAT_EVALS = ("smoltasks", "thinkfollow", "vibes")
@@ -94,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="Override the recipe's training steps.")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda.")
     parser.add_argument("--sample-tokens", type=int, default=200, help="Tokens to sample after pretraining.")
-    parser.add_argument("--sft-examples", type=int, default=12000, help="Synthetic SFT conversations to train on.")
+    parser.add_argument("--sft-examples", type=int, default=9000, help="Synthetic SFT conversations to train on.")
     parser.add_argument("--sft-max-steps", type=int, default=None, help="Cap the SFT stage's steps (default: one epoch).")
     parser.add_argument("--eval-examples", type=int, default=240, help="Held-out tasks to evaluate after SFT.")
     parser.add_argument("--pair-prompts", type=int, default=400,
@@ -218,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
                       f"(nanoGPT's CPU character-level recipe reaches 2.72 on this split).",
         "Sample": f"Prompt `ROMEO:`, temperature 0.8, top-k 50:\n\n```text\n{sample}\n```",
         "SFT on smol tasks": (
-            f"{sft.steps} steps on {len(sft_train):,} synthetic conversations ({SFT_TASKS}), "
+            f"{sft.steps} steps on {len(sft_train):,} synthetic conversations ({task_mix(sft_train)}), "
             f"{sft.wall_seconds:.0f} s; see `sft/report.md` for its loss curve. Greedy replies to "
             f"{len(held_out)} held-out tasks whose prompts the SFT data does not contain:\n\n"
             f"{report.table()}\n\n/think accuracy {100 * think.accuracy:.0f}% vs /no_think "
@@ -264,6 +268,12 @@ def stage_overrides(run_dir: Path, init_from: Path, data: Path, name: str, devic
     return overrides
 
 
+def task_mix(samples: list[dict]) -> str:
+    """"addition 50%, count 17%, ...": each task's share of the conversations."""
+    counts = Counter(sample["task"] for sample in samples)
+    return ", ".join(f"{task} {100 * n / len(samples):.0f}%" for task, n in counts.most_common())
+
+
 def sft_tasks(n_train: int, n_eval: int, n_pairs: int, generate: Any,
               n_grpo: int = 0) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
     """SFT conversations, held-out evaluation tasks, preference prompts and GRPO prompts (their
@@ -296,8 +306,18 @@ def preference_section(stats: Any, n_pairs: int, dpo: Any, before: Any, after: A
         rows.append(f"| {name} | {100 * think.accuracy:.0f}% | {100 * no_think.accuracy:.0f}% | "
                     f"{100 * report.honour_rate():.0f}% |")
     return (text + f" APO-zero (beta 0.1) for {dpo.steps} steps, {dpo.wall_seconds:.0f} s; the same "
-            f"held-out tasks, greedy:\n\n" + "\n".join(rows) + "\n\nPer task after APO-zero:\n\n"
+            f"held-out tasks, greedy:\n\n" + "\n".join(rows) + "\n\n" + paired_text(before, after)
+            + "\n\nPer task after APO-zero:\n\n"
             + after.table() + "\n\nSee `dpo/report.md` for the rewards and margins during training.")
+
+
+def paired_text(before: Any, after: Any) -> str:
+    """One sentence: how many held-out tasks the stage fixed and broke, and whether that differs
+    from chance (exact McNemar test)."""
+    fixed, broken, p = before.paired_change(after)
+    verdict = "a significant change at the 5% level" if p < 0.05 else "not a significant change"
+    return (f"Task by task, the stage fixed {fixed} replies and broke {broken} (exact McNemar p = {p:.3f}: "
+            f"{verdict}).")
 
 
 def parent_stage_name(dpo: Any) -> str:
@@ -360,6 +380,7 @@ def grpo_section(grpo: Any, records: list[dict], n_prompts: int, parent_name: st
     return (text + f"\n\nThe same {n_eval} held-out tasks, greedy:\n\n" + "\n".join(table)
             + f"\n\nAccuracy changed by {100 * (after.accuracy() - p):+.1f} points (standard error "
             f"of one measurement about {stderr:.1f} points), mode-following by "
-            f"{100 * (after.honour_rate() - before.honour_rate()):+.1f} points. Per task after GRPO:\n\n" + after.table()
+            f"{100 * (after.honour_rate() - before.honour_rate()):+.1f} points. " + paired_text(before, after)
+            + " Per task after GRPO:\n\n" + after.table()
             + "\n\ndocs/rl.md (\"What to expect\") has what longer and stronger settings did on this model.")
 

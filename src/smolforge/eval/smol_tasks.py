@@ -14,6 +14,7 @@ sampled replies when `--samples K` (the playbook's rule for small sets).
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from collections.abc import Mapping
@@ -96,6 +97,21 @@ class SmolTaskReport:
         for record in self.records:
             solved[record["index"]] = solved.get(record["index"], False) or record["correct"]
         return sum(solved.values()) / len(solved) if solved else 0.0
+
+    def paired_change(self, later: SmolTaskReport) -> tuple[int, int, float]:
+        """(fixed, broken, p) between this report and `later` on the same tasks and draws: replies
+        wrong here and right there, the reverse, and the exact two-sided McNemar p-value (a
+        binomial test on the discordant pairs, McNemar 1947). Paired, it tells a small change on
+        one held-out set from noise better than two accuracies and their standard errors do."""
+        before = {(r["index"], r["draw"]): bool(r["correct"]) for r in self.records}
+        after = {(r["index"], r["draw"]): bool(r["correct"]) for r in later.records}
+        if before.keys() != after.keys():
+            raise ValueError("paired_change needs two reports on the same tasks and draws")
+        fixed = sum(after[key] and not ok for key, ok in before.items())
+        broken = sum(ok and not after[key] for key, ok in before.items())
+        n, k = fixed + broken, min(fixed, broken)
+        p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+        return fixed, broken, p
 
     def metrics(self) -> dict[str, float]:
         """Headline `accuracy` first, then per mode, mode honouring, per task and per task+mode.
