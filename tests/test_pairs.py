@@ -300,3 +300,241 @@ def test_every_option_is_documented():
     parser = subparsers.choices["pairs"]
     assert all(a.help for a in parser._actions if a.option_strings)
     assert "reward-model" in parser.description
+
+
+# --- scored by rewards (--reward): GRPO's registry grades, chosen = best, rejected = worst ----------
+
+
+def ifeval_user(text: str, *ids: str, **extra) -> dict:
+    return {"prompt": text, "chat_template_kwargs": {"enable_thinking": False, **TODAY},
+            "constraints": [{"id": i} for i in ids], **extra}
+
+
+IFEVAL_RECORDS = [
+    ifeval_user("Greet the world.", "change_case:english_lowercase", "punctuation:no_comma", task="greet"),
+    ifeval_user("Name the moon.", "change_case:english_lowercase"),
+    ifeval_user("Say ok.", "change_case:english_lowercase"),                  # all comply: a tie
+    {"prompt": "Cut off twice.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}],
+     "chat_template_kwargs": {"enable_thinking": False, **TODAY}},           # an IFEval row, as read by grpo
+]
+IFEVAL_SCRIPT = {
+    # scores 0.5, 1, 0, 1: the first of the best and the worst
+    "Greet": ["hello, world", "hello world", "Hello, World", "hello there"],
+    # the compliant cut-off reply is never chosen and is the rejected one, whatever its score
+    "moon": ["The Moon", ("the moon", "length"), "the moon is round", "The moon"],
+    "Say ok": ["ok then", "okay then", "sure, ok then", "ok then friend"],
+    "twice": [("a, b", "length"), ("a b", "length"), "a b", "a, b"],
+}
+
+
+def run_scored(tokenizer: Tokenizer, specs: list, records: list[dict], script: dict, **kwargs):
+    from smolforge.train.rewards import build_rewards
+
+    engine = FakeEngine(tokenizer, script)
+    rewards = build_rewards(specs, section="--reward")
+    pairs, stats = make_pairs(engine, load_template("smollm3"), records, 4, PARAMS, 0, rewards=rewards, **kwargs)
+    return pairs, stats, engine
+
+
+def test_ifeval_reward_picks_the_best_reply_and_ranks_cut_off_replies_lowest(tokenizer):
+    pairs, stats, engine = run_scored(tokenizer, [{"name": "ifeval"}], IFEVAL_RECORDS, IFEVAL_SCRIPT)
+    assert [size for size, _ in engine.calls] == [16]  # sampling is as without rewards
+    by_prompt = {p["prompt"][-1]["content"]: p for p in pairs}
+    assert list(by_prompt) == ["Greet the world.", "Name the moon.", "Cut off twice."]
+    greet = by_prompt["Greet the world."]
+    assert greet["chosen"] == [{"role": "assistant", "content": "hello world"}]
+    assert greet["rejected"] == [{"role": "assistant", "content": "Hello, World"}]
+    assert (greet["chosen_score"], greet["rejected_score"], greet["rejected_truncated"]) == (1.0, 0.0, False)
+    assert greet["constraints"] == IFEVAL_RECORDS[0]["constraints"] and greet["task"] == "greet"
+    assert "check" not in greet  # the record fields the rewards read, not a checker
+    moon = by_prompt["Name the moon."]
+    assert moon["chosen"] == [{"role": "assistant", "content": "the moon is round"}]
+    assert moon["rejected"] == [{"role": "assistant", "content": "the moon"}]  # cut off, though compliant
+    assert (moon["chosen_score"], moon["rejected_score"], moon["rejected_truncated"]) == (1.0, 1.0, True)
+    twice = by_prompt["Cut off twice."]
+    assert twice["constraints"] == [{"id": "punctuation:no_comma", "kwargs": {}}]  # the IFEval row's
+    assert twice["chosen"][0]["content"] == "a b" and twice["rejected"][0]["content"] == "a, b"  # worst cut-off
+    assert twice["rejected_score"] == 0.0 and twice["rejected_truncated"]
+    assert (stats.prompts, stats.pairs, stats.ties, stats.all_cut_off) == (4, 3, 1, 0)
+    assert (stats.responses, stats.truncated) == (16, 3)
+    assert stats.margin_pairs == 1 and stats.mean_margin == 1.0  # only greet compares two complete replies
+    assert stats.mean_score == pytest.approx((2.5 + 1 + 4 + 1) / 13)  # the 13 complete replies
+    text = stats.summary("out.jsonl", 4)
+    assert "4 prompts x 4 responses, scored by 1 x ifeval" in text and "pairs written  3 -> out.jsonl" in text
+    assert "ties           1 (skipped" in text and "all cut off    0 (skipped)" in text
+    assert "mean margin    1 (chosen - rejected score, 1 pairs; 2 more reject a reply cut off" in text
+    for i, pair in enumerate(pairs):
+        to_pair(pair, f"pairs.jsonl:{i + 1}")  # what `smolforge dpo` reads
+
+
+def test_weighted_rewards_combine_and_min_margin_skips_narrow_pairs(tokenizer):
+    specs = [{"name": "ifeval"}, {"name": "contains", "text": "world", "weight": 0.25}]
+    records, script = IFEVAL_RECORDS[:1], {"Greet": ["hello, world", "hello world", "Hello, World", "hello there"]}
+    pairs, stats, _ = run_scored(tokenizer, specs, records, script)
+    # totals 0.75, 1.25, 0, 1: the contains reward ("World" is not "world") breaks the tie of replies 2 and 4
+    assert pairs[0]["chosen"][0]["content"] == "hello world" and pairs[0]["rejected"][0]["content"] == "Hello, World"
+    assert pairs[0]["chosen_score"] == 1.25 and pairs[0]["rejected_score"] == 0.0
+    assert stats.scored_by == "1 x ifeval + 0.25 x contains" and stats.mean_margin == 1.25
+    _, stats = run_scored(tokenizer, specs, records, script, min_margin=1.25)[:2]
+    assert stats.pairs == 1  # a margin of exactly min_margin is enough
+    pairs, stats = run_scored(tokenizer, specs, records, script, min_margin=1.3)[:2]
+    assert pairs == [] and stats.ties == 1
+    # every reply cut off: nothing can be chosen
+    cut = {"Greet": [("hello world", "length")] * 4}
+    pairs, stats = run_scored(tokenizer, specs, records, cut)[:2]
+    assert pairs == [] and stats.all_cut_off == 1 and stats.truncated == 4
+
+
+def test_checker_pairs_carry_no_scores(tokenizer):
+    pairs, stats, _ = run_fake(tokenizer)
+    assert {key for p in pairs for key in p} == {"prompt", "chosen", "rejected", "chat_template_kwargs", "check", "task"}
+    assert stats.scored_by == "" and "scored by" not in stats.summary()
+
+
+def test_reward_fields_are_checked_before_sampling(tokenizer):
+    from smolforge.train.rewards import build_rewards
+
+    engine, template = FakeEngine(tokenizer, IFEVAL_SCRIPT), load_template("smollm3")
+    ifeval = build_rewards([{"name": "ifeval"}])
+    with pytest.raises(SmolforgeError, match=r"record 1 field 'constraints': missing; the 'ifeval' reward"):
+        make_pairs(engine, template, [IFEVAL_RECORDS[0], {"prompt": "hi"}], 4, PARAMS, 0, rewards=ifeval)
+    bad = {**IFEVAL_RECORDS[0], "constraints": [{"id": "nope"}]}
+    with pytest.raises(SmolforgeError, match=r"record 0 field 'constraints\[0\].id': unknown instruction 'nope'"):
+        make_pairs(engine, template, [bad], 4, PARAMS, 0, rewards=ifeval)
+    gsm8k = build_rewards([{"name": "gsm8k"}])
+    with pytest.raises(SmolforgeError, match=r"record 0 field 'answer': missing; the 'gsm8k' reward"):
+        make_pairs(engine, template, IFEVAL_RECORDS[:1], 4, PARAMS, 0, rewards=gsm8k)
+    with pytest.raises(SmolforgeError, match="--min-margin must be a finite number >= 0"):
+        make_pairs(engine, template, IFEVAL_RECORDS[:1], 4, PARAMS, 0, rewards=ifeval, min_margin=-1.0)
+    assert engine.calls == []
+
+
+def test_reward_specs_from_the_command_line():
+    from smolforge.data.pairs import parse_reward_specs
+
+    assert parse_reward_specs(["smol_task", "{name: ifeval, weight: 2, aggregate: all}"]) == [
+        {"name": "smol_task"}, {"name": "ifeval", "weight": 2, "aggregate": "all"}]
+    assert parse_reward_specs(["[gsm8k, {name: think_format, weight: 0.5}]"]) == [
+        {"name": "gsm8k"}, {"name": "think_format", "weight": 0.5}]
+    with pytest.raises(SmolforgeError, match=r"--reward\[1\].name: missing"):
+        parse_reward_specs(["ifeval", "{weight: 1}"])
+    with pytest.raises(SmolforgeError, match=r"--reward\[0\]: expected a reward name"):
+        parse_reward_specs(["[3]"])
+    with pytest.raises(SmolforgeError, match="not valid YAML"):
+        parse_reward_specs(["{name: ifeval"])
+
+
+# --- a reward model scores the replies ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tokenizer, tmp_path_factory) -> Path:
+    """A tiny random reward model (as `smolforge reward` saves one), its head widened so that
+    different replies get clearly different scores."""
+    from smolforge.train.reward import RewardModel, save_reward_model
+
+    torch.manual_seed(1)
+    root = tmp_path_factory.mktemp("rm")
+    tokenizer.save(root / "tok")
+    chat_tokenizer = Tokenizer.load(root / "tok")  # a copy: the module's tokenizer keeps no template
+    chat_tokenizer.chat_template = load_template("chatml")
+    rm = RewardModel(ModelConfig(**{**debug().model_dump(), "vocab_size": 512, "max_seq_len": 512}),
+                     pad_id=tokenizer.token_to_id("<|im_end|>"))
+    with torch.no_grad():
+        rm.score.weight.normal_()
+    return save_reward_model(root / "rm", rm, chat_tokenizer)
+
+
+def reward_model_scores(path: Path, prompts: list[list[dict]], replies: list[str], kwargs: list[dict]) -> list[float]:
+    """The reward model's scores, computed directly (as `smolforge score` does)."""
+    from smolforge.train.reward import load_reward_model, score_records
+
+    model, tok = load_reward_model(path)
+    records = [{"messages": p, "response": [split_reasoning(r, tok.chat_template)], "chat_template_kwargs": k}
+               for p, r, k in zip(prompts, replies, kwargs)]
+    return score_records(model, tok, tok.chat_template, records)
+
+
+RM_SCRIPT = {
+    "2 + 3": ["5", "five", "4", "The sum of two and three is 5."],
+    "capitals": ["HI", ("HI THERE, HOW ARE YOU", "length"), "hello", "Hey!"],
+    "1 + 4": ["5", "5", "5", "5"],  # the same reply four times: a tie
+}
+
+
+def test_reward_model_ranks_the_replies(tokenizer, reward_model_dir):
+    records = RECORDS[:3]
+    pairs, stats, _ = run_scored(tokenizer, [{"name": "reward_model", "path": str(reward_model_dir),
+                                              "batch_size": 3}], records, RM_SCRIPT)
+    expected = {}
+    for record, key in zip(records, RM_SCRIPT):
+        texts = [r if isinstance(r, str) else r[0] for r in RM_SCRIPT[key]]
+        prompt = record["messages"][:-1]
+        scores = reward_model_scores(reward_model_dir, [prompt] * 4, texts, [record["chat_template_kwargs"]] * 4)
+        expected[prompt[-1]["content"]] = (texts, scores)
+    assert len(set(expected["What is 2 + 3?"][1])) == 4  # the replies are told apart
+    assert (stats.prompts, stats.pairs, stats.ties, stats.truncated) == (3, 2, 1, 1)
+    for pair in pairs:
+        texts, scores = expected[pair["prompt"][-1]["content"]]
+        chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        assert pair["chosen_score"] == pytest.approx(scores[texts.index(chosen)], abs=1e-5)
+        assert pair["rejected_score"] == pytest.approx(scores[texts.index(rejected)], abs=1e-5)
+    adding = next(p for p in pairs if p["prompt"][-1]["content"] == "What is 2 + 3?")
+    texts, scores = expected["What is 2 + 3?"]
+    assert adding["chosen"][0]["content"] == texts[max(range(4), key=scores.__getitem__)]
+    assert adding["rejected"][0]["content"] == texts[min(range(4), key=scores.__getitem__)]
+    assert adding["chosen_score"] > adding["rejected_score"] and not adding["rejected_truncated"]
+    assert stats.mean_margin == pytest.approx(max(scores) - min(scores), abs=1e-5)
+    capitals = next(p for p in pairs if p["prompt"][-1]["content"] == "Say hi in capitals.")
+    assert capitals["rejected"][0]["content"] == "HI THERE, HOW ARE YOU" and capitals["rejected_truncated"]
+    complete = [s for t, s in zip(*expected["Say hi in capitals."]) if t != "HI THERE, HOW ARE YOU"]
+    assert capitals["chosen_score"] == pytest.approx(max(complete), abs=1e-5)
+    # a margin above the widest gap leaves only the pair against the cut-off reply
+    pairs, stats = run_scored(tokenizer, [{"name": "reward_model", "path": str(reward_model_dir)}], records,
+                              RM_SCRIPT, min_margin=max(scores) - min(scores) + 1e-3)[:2]
+    assert [p["prompt"][-1]["content"] for p in pairs] == ["Say hi in capitals."] and stats.ties == 2
+
+
+def test_the_command_scores_with_a_reward_model_loaded_once(checkpoints, reward_model_dir, tmp_path, capsys,
+                                                             monkeypatch):
+    import smolforge.train.reward as reward_module
+
+    loads = []
+    real_load = reward_module.load_reward_model
+    monkeypatch.setattr(reward_module, "load_reward_model", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    prompts, out = prompts_file(tmp_path / "prompts.jsonl"), tmp_path / "pairs.jsonl"
+    margin = 0.05
+    args = ["pairs", str(checkpoints["chat"]), "--prompts", str(prompts), "--n", "4", "--out", str(out),
+            "--max-new-tokens", "16", "--batch-size", "8", "--seed", "1", "--device", "cpu",
+            "--reward", f"{{name: reward_model, path: {reward_model_dir}, batch_size: 5}}", "--min-margin", str(margin)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "14 prompts x 4 responses, scored by 1 x reward_model" in text
+    assert len(loads) == 1 and loads[0]["device"].type == "cpu"  # the policy's device, loaded once for 4 calls
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    written_count = int(re.search(r"pairs written\s+(\d+)", text).group(1))
+    ties = int(re.search(r"ties\s+(\d+)", text).group(1))
+    cut_off = int(re.search(r"all cut off\s+(\d+)", text).group(1))
+    assert written_count == len(written) >= 1 and written_count + ties + cut_off == 14
+    records = {r["messages"][-2]["content"] if "messages" in r else r["prompt"]
+               for r in (json.loads(line) for line in prompts.read_text().splitlines())}
+    direct = reward_model_scores(reward_model_dir, [p["prompt"] for p in written for _ in "cr"],
+                                 [p[side][0]["content"] for p in written for side in ("chosen", "rejected")],
+                                 [p["chat_template_kwargs"] for p in written for _ in "cr"])
+    for k, pair in enumerate(written):
+        assert [pair["chosen_score"], pair["rejected_score"]] == pytest.approx(direct[2 * k:2 * k + 2], abs=1e-4)
+        assert pair["rejected_truncated"] or pair["chosen_score"] >= pair["rejected_score"] + margin
+        assert pair["prompt"][-1]["content"] in records
+
+
+def test_the_command_names_the_line_missing_a_reward_field(checkpoints, tmp_path, capsys):
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "o.jsonl"
+    write_jsonl([ifeval_user("hi", "change_case:english_lowercase"), {"prompt": "hello", "check": {"type": "lowercase"}}],
+                prompts)
+    code = main(["pairs", str(checkpoints["chat"]), "--prompts", str(prompts), "--out", str(out), "--reward", "ifeval"])
+    assert code == 2 and f"{prompts}:2 field 'constraints': missing; the 'ifeval' reward" in capsys.readouterr().err
+    code = main(["pairs", str(checkpoints["chat"]), "--prompts", str(prompts), "--out", str(out), "--min-margin", "1"])
+    assert code == 2 and "--min-margin compares reward scores: it needs --reward" in capsys.readouterr().err
+    code = main(["pairs", str(checkpoints["chat"]), "--prompts", str(prompts), "--out", str(out), "--reward", "ifevl"])
+    assert code == 2 and "--reward[0].name: unknown reward 'ifevl'" in capsys.readouterr().err
+    assert not out.exists()
